@@ -1,0 +1,1 @@
+"""export tools (installed as minigpt4_local.export)."""

@@ -1,0 +1,8 @@
+"""minigpt4-local: run MiniGPT-4 offline.
+
+Importing this package is cheap and never imports torch: the PyTorch model lives in
+`minigpt4_local.model` (the `torch` extra), the torch-free runtime pieces (image preprocessing,
+prompts, tokenizers, ONNX Runtime vision, llama.cpp decoder) import only what they need, lazily.
+"""
+
+__version__ = "0.1.0"

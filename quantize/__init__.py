@@ -1,0 +1,1 @@
+"""quantize tools (installed as minigpt4_local.quantize)."""

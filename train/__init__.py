@@ -1,0 +1,1 @@
+"""train tools (installed as minigpt4_local.train)."""
