@@ -1,0 +1,456 @@
+"""The `minigpt4` command line.
+
+Contract: every command reports a user error as ONE line on stderr (`minigpt4: error: …`) and a
+non-zero exit status — never a traceback (set MINIGPT4_DEBUG=1 to see one). Importing this module is
+cheap and never imports torch: the PyTorch backend loads only for a model directory, the torch-free
+runtime (ONNX Runtime vision + llama.cpp decoder) for a bundle.
+
+Commands: describe, chat, convert, info, export …, quantize ….
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import MiniGPT4Error, ModelDirError
+
+DEFAULT_QUESTION = "Describe this image in detail."
+MODEL_ENV = "MINIGPT4_MODEL"
+
+NO_MODEL_HELP = f"""\
+minigpt4: no model given. Pass --model DIR (a model directory or a bundle), or set {MODEL_ENV}.
+
+To build a model directory from the original MiniGPT-4 (Vicuna-7B) weights, obtain:
+  - eva_vit_g.pth                      (LAVIS EVA ViT-g/14)
+  - blip2_pretrained_flant5xxl.pth     (LAVIS BLIP-2 Q-Former + ln_vision)
+  - prerained_minigpt4_7b.pth          (MiniGPT-4 projection; the typo is in the original file name)
+  - vicuna-7b-v0/                      (Vicuna v0 7B, HF format: config.json, weights, tokenizer.model)
+then run:
+  minigpt4 convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\
+      --proj prerained_minigpt4_7b.pth --llm vicuna-7b-v0 --out minigpt4-7b --preset minigpt4-vicuna-7b
+  minigpt4 describe --model minigpt4-7b photo.jpg
+"""
+
+
+class NoModelError(MiniGPT4Error):
+    exit_code = 2
+
+
+# ----- model resolution -------------------------------------------------------------------------
+
+
+def _user_config_model() -> str | None:
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    path = base / "minigpt4-local" / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resolve_model(model: str | None) -> Path:
+    chosen = model or os.environ.get(MODEL_ENV) or _user_config_model()
+    if not chosen:
+        raise NoModelError("no model")
+    path = Path(chosen).expanduser()
+    if not path.exists():
+        raise ModelDirError(f"model path does not exist: {path}")
+    if not path.is_dir():
+        raise ModelDirError(f"model path is not a directory: {path}")
+    return path
+
+
+def model_kind(path: Path) -> str:
+    """'bundle' (torch-free runtime) or 'model_dir' (PyTorch)."""
+    if (path / "minigpt4.json").is_file():
+        return "bundle"
+    if (path / "config.json").is_file() and (path / "vision.safetensors").exists():
+        return "model_dir"
+    raise ModelDirError(
+        f"{path} is neither a model directory (config.json + vision.safetensors + llm/) "
+        "nor a bundle (minigpt4.json); build one with `minigpt4 convert`"
+    )
+
+
+def load_pipeline(opts: dict[str, Any]) -> Any:
+    path = resolve_model(opts.get("model"))
+    kind = model_kind(path)
+    if kind == "model_dir":
+        from .backends.torch_backend import load_torch_pipeline
+
+        vision_override = None
+        if opts.get("vision") == "onnx":
+            vision_override = _onnx_vision_for(path, opts)
+        return load_torch_pipeline(path, device=opts.get("device"), dtype=opts.get("dtype"), vision_override=vision_override)
+    from .backends.runtime import load_bundle_pipeline
+
+    return load_bundle_pipeline(
+        path,
+        verify=opts.get("verify", True),
+        providers=opts.get("providers"),
+        n_gpu_layers=opts.get("n_gpu_layers"),
+        n_threads=opts.get("threads"),
+    )
+
+
+def _onnx_vision_for(model_dir: Path, opts: dict[str, Any]) -> Any:
+    from .backends.onnx_vision import OnnxVisionEncoder
+
+    bundle = opts.get("vision_bundle")
+    if bundle is None:
+        raise click.UsageError("--vision onnx needs --vision-bundle BUNDLE (made by `minigpt4 export onnx`)")
+    return OnnxVisionEncoder(bundle, providers=opts.get("providers"), verify=opts.get("verify", True))
+
+
+# ----- shared options ---------------------------------------------------------------------------
+
+
+def _model_options(f: Any) -> Any:
+    options = [
+        click.option("--model", "-m", help=f"Model directory or bundle (default: ${MODEL_ENV})."),
+        click.option("--device", help="torch backend: cpu, cuda, cuda:1 … (default: cuda if available)."),
+        click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend precision."),
+        click.option(
+            "--vision",
+            type=click.Choice(["torch", "onnx"]),
+            default="torch",
+            show_default=True,
+            help="Vision encoder for a model directory (bundles always use ONNX Runtime).",
+        ),
+        click.option("--vision-bundle", type=click.Path(), help="Bundle holding vision.onnx for --vision onnx."),
+        click.option(
+            "--providers",
+            callback=lambda _c, _p, v: [s.strip() for s in v.split(",") if s.strip()] if v else None,
+            help="ONNX Runtime execution providers, comma-separated (default: TensorRT, CUDA, CPU as available).",
+        ),
+        click.option("--n-gpu-layers", type=int, help="llama.cpp layers to offload (default: all on a GPU build)."),
+        click.option("--threads", type=int, help="CPU threads for llama.cpp."),
+        click.option("--no-verify", "no_verify", is_flag=True, help="Skip bundle checksums (faster start)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _sampling_options(f: Any) -> Any:
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(1), help="Default: the model's (300)."),
+        click.option("--greedy", is_flag=True, help="Deterministic greedy decoding (no sampling)."),
+        click.option("--temperature", type=click.FloatRange(0, min_open=True)),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--top-k", type=click.IntRange(0)),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True)),
+        click.option("--num-beams", type=click.IntRange(1, 10)),
+        click.option("--seed", type=int, help="Seed for sampling."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _sampling_from(pipeline: Any, opts: dict[str, Any]) -> Any:
+    try:
+        return pipeline.sampling(
+            greedy=opts["greedy"],
+            max_new_tokens=opts["max_new_tokens"],
+            temperature=opts["temperature"],
+            top_p=opts["top_p"],
+            top_k=opts["top_k"],
+            repetition_penalty=opts["repetition_penalty"],
+            num_beams=opts["num_beams"],
+            seed=opts["seed"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _err(message: str) -> None:
+    click.echo(f"minigpt4: error: {message}", err=True)
+
+
+# ----- commands ---------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="minigpt4")
+def cli() -> None:
+    """Describe and chat about images with MiniGPT-4, offline."""
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--question", "-q", default=DEFAULT_QUESTION, show_default=True)
+@_model_options
+@_sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@click.option("--jsonl", "jsonl_path", type=click.Path(dir_okay=False), help="Append results to this JSONL file; "
+              "images already in it are skipped (resume after an interruption).")
+@click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive (default: on a terminal).")
+def describe(images: tuple[str, ...], question: str, as_json: bool, jsonl_path: str | None, stream: bool | None,
+             **opts: Any) -> None:
+    """Describe IMAGES (files, folders or glob patterns)."""
+    from .image import expand_image_inputs, load_image
+
+    opts["verify"] = not opts.pop("no_verify")
+    paths = expand_image_inputs(images)
+    done: set[str] = set()
+    if jsonl_path:
+        done = _read_done(Path(jsonl_path))
+        paths = [p for p in paths if str(p.resolve()) not in done]
+        if not paths:
+            click.echo(f"minigpt4: all images are already in {jsonl_path}", err=True)
+            return
+    pipeline = load_pipeline(opts)
+    options = _sampling_from(pipeline, opts)
+    if stream is None:
+        stream = sys.stdout.isatty() and not as_json and not jsonl_path
+    if options.num_beams > 1:
+        stream = False
+    failures = 0
+    out_file = open(jsonl_path, "a", encoding="utf-8") if jsonl_path else None  # noqa: SIM115
+    progress = _progress(len(paths)) if jsonl_path else None
+    try:
+        for index, path in enumerate(paths):
+            if len(paths) > 1 and not as_json and not out_file:
+                click.echo(("\n" if index else "") + f"== {path} ==")
+            try:
+                image = load_image(path)
+                on_text = (lambda s: (click.echo(s, nl=False), sys.stdout.flush())) if stream else None
+                start = time.perf_counter()
+                answer = pipeline.describe(image, question, options, on_text)
+                total = time.perf_counter() - start
+            except MiniGPT4Error as exc:
+                if len(paths) == 1:
+                    raise
+                failures += 1
+                _err(str(exc))
+                continue
+            record = {
+                "image": str(path.resolve()),
+                "question": question,
+                "answer": answer.text,
+                "token_ids": answer.token_ids,
+                "prompt_tokens": answer.prompt_tokens,
+                "timings": {**answer.timings, "total_s": round(total, 4)},
+                "model": pipeline.name,
+            }
+            if out_file:
+                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out_file.flush()
+                os.fsync(out_file.fileno())
+            elif as_json:
+                click.echo(json.dumps(record, ensure_ascii=False))
+            elif stream:
+                click.echo()
+            else:
+                click.echo(answer.text)
+            if progress:
+                progress.advance()
+    finally:
+        if progress:
+            progress.close()
+        if out_file:
+            out_file.close()
+    if failures:
+        raise MiniGPT4Error(f"{failures} of {len(paths)} images failed (see the lines above)")
+
+
+def _read_done(path: Path) -> set[str]:
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                done.add(json.loads(line)["image"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by an interruption: that image is simply redone
+    return done
+
+
+class _progress:  # noqa: N801 - a tiny context-free wrapper around rich's progress bar
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn("describing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self._task = self._p.add_task("describe", total=total)
+        self._p.start()
+
+    def advance(self) -> None:
+        self._p.advance(self._task)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+@cli.command()
+@click.argument("image", required=False)
+@_model_options
+@_sampling_options
+def chat(image: str | None, **opts: Any) -> None:
+    """Chat about IMAGE. Commands: /image PATH, /reset, /quit."""
+    from .image import load_image
+
+    opts["verify"] = not opts.pop("no_verify")
+    pipeline = load_pipeline(opts)
+    options = _sampling_from(pipeline, opts)
+    session = pipeline.session()
+    interactive = sys.stdin.isatty()
+    if image:
+        session.add_image(load_image(image))
+    if interactive:
+        click.echo(f"{pipeline.name} — /image PATH adds an image, /reset starts over, /quit leaves.", err=True)
+    while True:
+        if interactive:
+            click.echo("you> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            session.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        if line.startswith("/image"):
+            target = line[len("/image") :].strip()
+            try:
+                session.add_image(load_image(target))
+                click.echo(f"(image added: {target})", err=True)
+            except MiniGPT4Error as exc:
+                _err(str(exc))
+            continue
+        if line.startswith("/"):
+            _err(f"unknown command {line.split()[0]}; use /image PATH, /reset or /quit")
+            continue
+        if session.conversation.num_images == 0:
+            _err("add an image first: /image PATH")
+            continue
+        try:
+            session.ask(line, options, lambda s: (click.echo(s, nl=False), sys.stdout.flush()))
+        except MiniGPT4Error as exc:
+            _err(str(exc))
+            continue
+        click.echo()
+
+
+@cli.command()
+@click.option("--vit", type=click.Path(), help="eva_vit_g.pth (LAVIS) or an HF BLIP-2 directory.")
+@click.option("--qformer", type=click.Path(), help="blip2_pretrained_flant5xxl.pth or an HF BLIP-2 directory.")
+@click.option("--proj", required=True, type=click.Path(), help="MiniGPT-4 projection checkpoint (.pth).")
+@click.option("--llm", required=True, type=click.Path(), help="HF LLaMA/Vicuna directory.")
+@click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
+@click.option("--preset", help="minigpt4-vicuna-7b | minigpt4-vicuna-13b | minigpt4-llama2-7b (default: by shapes).")
+@click.option("--config", "config_path", type=click.Path(), help="A config JSON instead of a preset.")
+def convert(vit: str | None, qformer: str | None, proj: str, llm: str, out: str, preset: str | None,
+            config_path: str | None) -> None:
+    """Build a self-contained model directory from the original checkpoints."""
+    from .checkpoints.model_dir import convert as convert_checkpoints
+
+    if preset and config_path:
+        raise click.UsageError("give --preset or --config, not both")
+    if not vit:
+        raise click.UsageError("--vit is required (eva_vit_g.pth or an HF BLIP-2 directory)")
+    result = convert_checkpoints(
+        vit=vit, qformer=qformer, proj=proj, llm=llm, out=out, preset=preset, config_path=config_path,
+        progress=lambda msg: click.echo(f"  {msg}", err=True),
+    )
+    click.echo(f"wrote {result}", err=True)
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+def info(path: str) -> None:
+    """Show what a model directory or bundle holds."""
+    target = resolve_model(path)
+    if model_kind(target) == "bundle":
+        from .bundle import Bundle
+
+        bundle = Bundle.open(target, verify=False)
+        click.echo(json.dumps(bundle.manifest, indent=2))
+        return
+    from .config import load_config
+
+    config = load_config(target / "config.json")
+    v, q, llm = config.vision, config.qformer, config.llm
+    files = sorted(p for p in target.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    click.echo(f"model directory {target}")
+    click.echo(f"  name          {config.name}")
+    click.echo(f"  vision        ViT {v.num_layers}×{v.hidden_size}, {v.num_heads} heads, {v.image_size}px/{v.patch_size}")
+    click.echo("  q-former      " + (f"{q.num_layers}×{q.hidden_size}, {q.num_query_tokens} queries" if q else "none (concat-"
+                                     f"{config.projector.merge_tokens} of ViT tokens)"))
+    click.echo(f"  projection    {config.projector_in_features} → {llm.hidden_size}, {config.num_image_tokens} image embeddings")
+    click.echo(f"  llm           {llm.num_layers}×{llm.hidden_size}, vocab {llm.vocab_size}, bos {llm.bos_token_id} eos {llm.eos_token_id}")
+    click.echo(f"  template      {config.prompt.template}, context {config.prompt.max_context}")
+    click.echo(f"  files         {len(files)}, {size / 2**20:.1f} MiB")
+
+
+def _register_tool_groups() -> None:
+    # The tool folders (export/, quantize/, train/) add their own command groups; their modules import
+    # heavy libraries lazily, so registering them keeps `minigpt4 --help` fast.
+    from .export.cli import export_group
+    from .quantize.cli import quantize_group
+
+    cli.add_command(export_group, "export")
+    cli.add_command(quantize_group, "quantize")
+
+
+try:
+    _register_tool_groups()
+except ImportError:  # pragma: no cover - a tool package missing from a broken install
+    pass
+
+
+# ----- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = bool(os.environ.get("MINIGPT4_DEBUG"))
+    try:
+        cli.main(args=argv, prog_name="minigpt4", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("\nminigpt4: interrupted", err=True)
+        sys.exit(130)
+    except NoModelError:
+        click.echo(NO_MODEL_HELP, err=True, nl=False)
+        sys.exit(NoModelError.exit_code)
+    except MiniGPT4Error as exc:
+        if debug:
+            raise
+        _err(str(exc))
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # a bug: still one line unless debugging
+        if debug:
+            raise
+        _err(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (MINIGPT4_DEBUG=1 shows the traceback)")
+        sys.exit(70)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
