@@ -89,7 +89,9 @@ def load_pipeline(opts: dict[str, Any]) -> Any:
         vision_override = None
         if opts.get("vision") == "onnx":
             vision_override = _onnx_vision_for(path, opts)
-        return load_torch_pipeline(path, device=opts.get("device"), dtype=opts.get("dtype"), vision_override=vision_override)
+        return load_torch_pipeline(
+            path, device=opts.get("device"), dtype=opts.get("dtype"), vision_override=vision_override
+        )
     from .backends.runtime import load_bundle_pipeline
 
     return load_bundle_pipeline(
@@ -125,13 +127,17 @@ def _model_options(f: Any) -> Any:
             show_default=True,
             help="Vision encoder for a model directory (bundles always use ONNX Runtime).",
         ),
-        click.option("--vision-bundle", type=click.Path(), help="Bundle holding vision.onnx for --vision onnx."),
+        click.option(
+            "--vision-bundle", type=click.Path(), help="Bundle holding vision.onnx for --vision onnx."
+        ),
         click.option(
             "--providers",
             callback=lambda _c, _p, v: [s.strip() for s in v.split(",") if s.strip()] if v else None,
             help="ONNX Runtime execution providers, comma-separated (default: TensorRT, CUDA, CPU as available).",
         ),
-        click.option("--n-gpu-layers", type=int, help="llama.cpp layers to offload (default: all on a GPU build)."),
+        click.option(
+            "--n-gpu-layers", type=int, help="llama.cpp layers to offload (default: all on a GPU build)."
+        ),
         click.option("--threads", type=int, help="CPU threads for llama.cpp."),
         click.option("--no-verify", "no_verify", is_flag=True, help="Skip bundle checksums (faster start)."),
     ]
@@ -191,11 +197,24 @@ def cli() -> None:
 @_model_options
 @_sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
-@click.option("--jsonl", "jsonl_path", type=click.Path(dir_okay=False), help="Append results to this JSONL file; "
-              "images already in it are skipped (resume after an interruption).")
-@click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive (default: on a terminal).")
-def describe(images: tuple[str, ...], question: str, as_json: bool, jsonl_path: str | None, stream: bool | None,
-             **opts: Any) -> None:
+@click.option(
+    "--jsonl",
+    "jsonl_path",
+    type=click.Path(dir_okay=False),
+    help="Append results to this JSONL file; "
+    "images already in it are skipped (resume after an interruption).",
+)
+@click.option(
+    "--stream/--no-stream", default=None, help="Print tokens as they arrive (default: on a terminal)."
+)
+def describe(
+    images: tuple[str, ...],
+    question: str,
+    as_json: bool,
+    jsonl_path: str | None,
+    stream: bool | None,
+    **opts: Any,
+) -> None:
     """Describe IMAGES (files, folders or glob patterns)."""
     from .image import expand_image_inputs, load_image
 
@@ -276,13 +295,16 @@ def _read_done(path: Path) -> set[str]:
     return done
 
 
-class _progress:  # noqa: N801 - a tiny context-free wrapper around rich's progress bar
+class _progress:
     def __init__(self, total: int) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._p = Progress(
-            TextColumn("describing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("describing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
             console=Console(stderr=True),
         )
         self._task = self._p.add_task("describe", total=total)
@@ -311,7 +333,9 @@ def chat(image: str | None, **opts: Any) -> None:
     if image:
         session.add_image(load_image(image))
     if interactive:
-        click.echo(f"{pipeline.name} — /image PATH adds an image, /reset starts over, /quit leaves.", err=True)
+        click.echo(
+            f"{pipeline.name} — /image PATH adds an image, /reset starts over, /quit leaves.", err=True
+        )
     while True:
         if interactive:
             click.echo("you> ", nl=False, err=True)
@@ -351,14 +375,25 @@ def chat(image: str | None, **opts: Any) -> None:
 
 @cli.command()
 @click.option("--vit", type=click.Path(), help="eva_vit_g.pth (LAVIS) or an HF BLIP-2 directory.")
-@click.option("--qformer", type=click.Path(), help="blip2_pretrained_flant5xxl.pth or an HF BLIP-2 directory.")
+@click.option(
+    "--qformer", type=click.Path(), help="blip2_pretrained_flant5xxl.pth or an HF BLIP-2 directory."
+)
 @click.option("--proj", required=True, type=click.Path(), help="MiniGPT-4 projection checkpoint (.pth).")
 @click.option("--llm", required=True, type=click.Path(), help="HF LLaMA/Vicuna directory.")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
-@click.option("--preset", help="minigpt4-vicuna-7b | minigpt4-vicuna-13b | minigpt4-llama2-7b (default: by shapes).")
+@click.option(
+    "--preset", help="minigpt4-vicuna-7b | minigpt4-vicuna-13b | minigpt4-llama2-7b (default: by shapes)."
+)
 @click.option("--config", "config_path", type=click.Path(), help="A config JSON instead of a preset.")
-def convert(vit: str | None, qformer: str | None, proj: str, llm: str, out: str, preset: str | None,
-            config_path: str | None) -> None:
+def convert(
+    vit: str | None,
+    qformer: str | None,
+    proj: str,
+    llm: str,
+    out: str,
+    preset: str | None,
+    config_path: str | None,
+) -> None:
     """Build a self-contained model directory from the original checkpoints."""
     from .checkpoints.model_dir import convert as convert_checkpoints
 
@@ -367,7 +402,13 @@ def convert(vit: str | None, qformer: str | None, proj: str, llm: str, out: str,
     if not vit:
         raise click.UsageError("--vit is required (eva_vit_g.pth or an HF BLIP-2 directory)")
     result = convert_checkpoints(
-        vit=vit, qformer=qformer, proj=proj, llm=llm, out=out, preset=preset, config_path=config_path,
+        vit=vit,
+        qformer=qformer,
+        proj=proj,
+        llm=llm,
+        out=out,
+        preset=preset,
+        config_path=config_path,
         progress=lambda msg: click.echo(f"  {msg}", err=True),
     )
     click.echo(f"wrote {result}", err=True)
@@ -392,11 +433,23 @@ def info(path: str) -> None:
     size = sum(p.stat().st_size for p in files)
     click.echo(f"model directory {target}")
     click.echo(f"  name          {config.name}")
-    click.echo(f"  vision        ViT {v.num_layers}×{v.hidden_size}, {v.num_heads} heads, {v.image_size}px/{v.patch_size}")
-    click.echo("  q-former      " + (f"{q.num_layers}×{q.hidden_size}, {q.num_query_tokens} queries" if q else "none (concat-"
-                                     f"{config.projector.merge_tokens} of ViT tokens)"))
-    click.echo(f"  projection    {config.projector_in_features} → {llm.hidden_size}, {config.num_image_tokens} image embeddings")
-    click.echo(f"  llm           {llm.num_layers}×{llm.hidden_size}, vocab {llm.vocab_size}, bos {llm.bos_token_id} eos {llm.eos_token_id}")
+    click.echo(
+        f"  vision        ViT {v.num_layers}×{v.hidden_size}, {v.num_heads} heads, {v.image_size}px/{v.patch_size}"
+    )
+    click.echo(
+        "  q-former      "
+        + (
+            f"{q.num_layers}×{q.hidden_size}, {q.num_query_tokens} queries"
+            if q
+            else f"none (concat-{config.projector.merge_tokens} of ViT tokens)"
+        )
+    )
+    click.echo(
+        f"  projection    {config.projector_in_features} → {llm.hidden_size}, {config.num_image_tokens} image embeddings"
+    )
+    click.echo(
+        f"  llm           {llm.num_layers}×{llm.hidden_size}, vocab {llm.vocab_size}, bos {llm.bos_token_id} eos {llm.eos_token_id}"
+    )
     click.echo(f"  template      {config.prompt.template}, context {config.prompt.max_context}")
     click.echo(f"  files         {len(files)}, {size / 2**20:.1f} MiB")
 
@@ -447,7 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: still one line unless debugging
         if debug:
             raise
-        _err(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (MINIGPT4_DEBUG=1 shows the traceback)")
+        _err(
+            f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (MINIGPT4_DEBUG=1 shows the traceback)"
+        )
         sys.exit(70)
     sys.exit(0)
 

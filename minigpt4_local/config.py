@@ -187,15 +187,21 @@ class MiniGPT4Config:
                 f"vision.image_size ({v.image_size}) is not a multiple of vision.patch_size ({v.patch_size})"
             )
         if v.hidden_size % v.num_heads:
-            raise ConfigError(f"vision.num_heads ({v.num_heads}) does not divide vision.hidden_size ({v.hidden_size})")
+            raise ConfigError(
+                f"vision.num_heads ({v.num_heads}) does not divide vision.hidden_size ({v.hidden_size})"
+            )
         if v.hidden_act not in ("gelu",):
             raise ConfigError(f"vision.hidden_act must be 'gelu' (exact GELU), got {v.hidden_act!r}")
         if len(v.image_mean) != 3 or len(v.image_std) != 3 or any(s <= 0 for s in v.image_std):
             raise ConfigError("vision.image_mean/vision.image_std must be 3 numbers (std > 0)")
         if llm.hidden_size % llm.num_heads:
-            raise ConfigError(f"llm.num_heads ({llm.num_heads}) does not divide llm.hidden_size ({llm.hidden_size})")
+            raise ConfigError(
+                f"llm.num_heads ({llm.num_heads}) does not divide llm.hidden_size ({llm.hidden_size})"
+            )
         if llm.num_heads % llm.num_kv_heads:
-            raise ConfigError(f"llm.num_kv_heads ({llm.num_kv_heads}) does not divide llm.num_heads ({llm.num_heads})")
+            raise ConfigError(
+                f"llm.num_kv_heads ({llm.num_kv_heads}) does not divide llm.num_heads ({llm.num_heads})"
+            )
         for key in ("bos_token_id", "eos_token_id"):
             value = getattr(llm, key)
             if not 0 <= value < llm.vocab_size:
@@ -216,7 +222,9 @@ class MiniGPT4Config:
                     f"projector.merge_tokens ({merge}) must divide the {v.num_patches} ViT patches"
                 )
         if self.prompt.template not in TEMPLATES:
-            raise ConfigError(f"prompt.template {self.prompt.template!r} is not one of {', '.join(TEMPLATES)}")
+            raise ConfigError(
+                f"prompt.template {self.prompt.template!r} is not one of {', '.join(TEMPLATES)}"
+            )
         for seq in self.prompt.stop_sequences:
             if not seq or any((not isinstance(t, int)) or t < 0 or t >= llm.vocab_size for t in seq):
                 raise ConfigError(f"prompt.stop_sequences entry {seq!r} is empty or outside the vocabulary")
@@ -299,7 +307,8 @@ def _coerce(path: str, value: Any, default: Any) -> Any:
         return tuple(float(x) for x in value)
     if isinstance(default, list):
         if not isinstance(value, list) or not all(
-            isinstance(s, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in s) for s in value
+            isinstance(s, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in s)
+            for s in value
         ):
             raise ConfigError(f"config key {path!r} must be a list of integer lists, got {value!r}")
         return [list(s) for s in value]
@@ -318,7 +327,9 @@ def _vicuna_7b() -> MiniGPT4Config:
 def _vicuna_13b() -> MiniGPT4Config:
     return MiniGPT4Config(
         name="minigpt4-vicuna-13b",
-        llm=LLMConfig(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824),
+        llm=LLMConfig(
+            hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824
+        ),
     )
 
 
@@ -334,7 +345,9 @@ def _llama2_7b() -> MiniGPT4Config:
 
 def _tiny_vision() -> VisionConfig:
     # 56 px / 14 = 4×4 grid: 16 patches, divisible by 4 for the concat-4 variant.
-    return VisionConfig(image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    return VisionConfig(
+        image_size=56, patch_size=14, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
+    )
 
 
 def _tiny_llm(vocab_size: int) -> LLMConfig:
@@ -356,7 +369,9 @@ def _tiny(name: str, template: str, qformer: bool, vocab_extra: int) -> MiniGPT4
     return MiniGPT4Config(
         name=name,
         vision=_tiny_vision(),
-        qformer=QFormerConfig(num_query_tokens=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+        qformer=QFormerConfig(
+            num_query_tokens=4, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
+        )
         if qformer
         else None,
         projector=ProjectorConfig(merge_tokens=1 if qformer else 4),

@@ -10,6 +10,7 @@ HF config says 1), and `seed` makes sampling reproducible. `on_token(id)` stream
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,9 @@ class _StopOnSequences(StoppingCriteria):
     def __init__(self, stop: StopChecker) -> None:
         self.stop = stop
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
+    ) -> torch.BoolTensor:
         done = [self.stop.is_stop(row.tolist()) for row in input_ids]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -67,20 +70,22 @@ def generate_from_embeds(
     streamer = _TokenCallbackStreamer(on_token) if on_token is not None and options.num_beams == 1 else None
     attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
     sampling = {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k}
-    out = llm.generate(
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        max_new_tokens=options.max_new_tokens,
-        do_sample=options.do_sample,
-        num_beams=options.num_beams,
-        length_penalty=options.length_penalty,
-        min_length=options.min_length,
-        repetition_penalty=options.repetition_penalty,
-        stopping_criteria=StoppingCriteriaList([_StopOnSequences(stop)]),
-        eos_token_id=eos,
-        pad_token_id=stop.eos_id,
-        streamer=streamer,
-        **(sampling if options.do_sample else {}),
-    )
-    ids = out[0].tolist()
-    return stop.strip(ids)
+    with warnings.catch_warnings():
+        # With inputs_embeds only, the penalty applies to generated tokens alone: the original's behaviour too.
+        warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
+        out = llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            num_beams=options.num_beams,
+            length_penalty=options.length_penalty,
+            min_length=options.min_length,
+            repetition_penalty=options.repetition_penalty,
+            stopping_criteria=StoppingCriteriaList([_StopOnSequences(stop)]),
+            eos_token_id=eos,
+            pad_token_id=stop.eos_id,
+            streamer=streamer,
+            **(sampling if options.do_sample else {}),
+        )
+    return stop.strip(out[0].tolist())

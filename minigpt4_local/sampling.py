@@ -28,8 +28,12 @@ class SamplingOptions:
     seed: int | None = None
 
     @classmethod
-    def from_defaults(cls, defaults: GenerationDefaults, greedy: bool = False, **overrides: object) -> SamplingOptions:
-        base = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if hasattr(cls, f.name)}
+    def from_defaults(
+        cls, defaults: GenerationDefaults, greedy: bool = False, **overrides: object
+    ) -> SamplingOptions:
+        base = {
+            f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if hasattr(cls, f.name)
+        }
         base.update({k: v for k, v in overrides.items() if v is not None})
         options = cls(**base)
         if greedy:

@@ -32,7 +32,13 @@ def test_real_presets_match_the_spec() -> None:
     assert v7.prompt.stop_sequences == [[835], [2277, 29937]]
     assert v7.prompt.max_context == 2000
     g = v7.generation
-    assert (g.max_new_tokens, g.top_p, g.top_k, g.temperature, g.repetition_penalty) == (300, 0.9, 50, 1.0, 1.05)
+    assert (g.max_new_tokens, g.top_p, g.top_k, g.temperature, g.repetition_penalty) == (
+        300,
+        0.9,
+        50,
+        1.0,
+        1.05,
+    )
 
     v13 = get_preset("minigpt4-vicuna-13b")
     assert (v13.projector_in_features, v13.llm.hidden_size, v13.llm.num_layers) == (768, 5120, 40)

@@ -10,7 +10,9 @@ from minigpt4_local.model import MiniGPT4
 from minigpt4_local.model.projector import merge_adjacent_tokens
 
 
-@pytest.mark.parametrize(("name", "n_img"), [("tiny-vicuna-7b", 4), ("tiny-vicuna-13b", 4), ("tiny-llama2-7b", 4)])
+@pytest.mark.parametrize(
+    ("name", "n_img"), [("tiny-vicuna-7b", 4), ("tiny-vicuna-13b", 4), ("tiny-llama2-7b", 4)]
+)
 def test_encode_image_shapes(name: str, n_img: int) -> None:
     torch.manual_seed(0)
     config = get_preset(name)

@@ -26,7 +26,18 @@ def test_tool_folders_import_under_namespace() -> None:
 @pytest.mark.slow
 def test_built_wheel_maps_tool_folders(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -42,7 +53,8 @@ def test_built_wheel_maps_tool_folders(tmp_path: Path) -> None:
     # Install the wheel alone into an empty target and import from there (not from the source tree).
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
     )
     code = (
         "import minigpt4_local, minigpt4_local.export, minigpt4_local.quantize, minigpt4_local.train, sys;"

@@ -5,7 +5,18 @@ from __future__ import annotations
 from minigpt4_local.streaming import TextStream
 
 # A toy "tokenizer": each id maps to a fixed string; decode = concatenation (like sentencepiece pieces).
-PIECES = {0: " The", 1: " cat", 2: " sits", 3: "#", 4: "##", 5: ".", 6: "\ufffd", 7: "é", 8: " ###", 9: "Human"}
+PIECES = {
+    0: " The",
+    1: " cat",
+    2: " sits",
+    3: "#",
+    4: "##",
+    5: ".",
+    6: "\ufffd",
+    7: "é",
+    8: " ###",
+    9: "Human",
+}
 
 
 def decode(ids: list[int]) -> str:

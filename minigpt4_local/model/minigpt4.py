@@ -33,7 +33,9 @@ class MiniGPT4(nn.Module):
         self.vision_model = build_vision_model(config.vision)
         if config.qformer is not None:
             self.qformer = build_qformer(config.qformer, config.vision.hidden_size)
-            self.query_tokens = nn.Parameter(torch.zeros(1, config.qformer.num_query_tokens, config.qformer.hidden_size))
+            self.query_tokens = nn.Parameter(
+                torch.zeros(1, config.qformer.num_query_tokens, config.qformer.hidden_size)
+            )
         else:
             self.qformer = None
             self.query_tokens = None
@@ -45,13 +47,18 @@ class MiniGPT4(nn.Module):
     # ----- precision ----------------------------------------------------------------------
     def set_precision(self, dtype: torch.dtype) -> MiniGPT4:
         """fp32 everywhere, or the original's mixed layout for fp16/bf16 (call after `.to(device)`)."""
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"unsupported precision {dtype}")
+        for name, child in self.named_children():
+            if name != "llm":  # the LLM is cast once below, never upcast transiently
+                child.float()
+        if self.query_tokens is not None:
+            self.query_tokens.data = self.query_tokens.data.float()
         if dtype == torch.float32:
-            self.float()
+            if self.llm is not None:
+                self.llm.float()
             self.autocast_dtype = None
             return self
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"unsupported precision {dtype}")
-        self.float()
         # EVA ViT: Conv/Linear weights in half, LayerNorms/CLS/pos-embed stay fp32 (convert_weights_to_fp16).
         for module in self.vision_model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):

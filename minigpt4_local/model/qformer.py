@@ -36,6 +36,8 @@ def build_qformer(cfg: QFormerConfig, encoder_hidden_size: int) -> Blip2QFormerM
     return Blip2QFormerModel(hf_cfg)
 
 
-def run_qformer(qformer: Blip2QFormerModel, query_tokens: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+def run_qformer(
+    qformer: Blip2QFormerModel, query_tokens: torch.Tensor, image_embeds: torch.Tensor
+) -> torch.Tensor:
     queries = query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, n_query, Dq)
     return qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
