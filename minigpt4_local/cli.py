@@ -11,6 +11,7 @@ Commands: describe, chat, convert, info, export …, quantize ….
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -227,6 +228,7 @@ def describe(
         if not paths:
             click.echo(f"minigpt4: all images are already in {jsonl_path}", err=True)
             return
+    preloaded = {0: load_image(paths[0])} if len(paths) == 1 else {}  # fail fast, before a model loads
     pipeline = load_pipeline(opts)
     options = _sampling_from(pipeline, opts)
     if stream is None:
@@ -234,14 +236,14 @@ def describe(
     if options.num_beams > 1:
         stream = False
     failures = 0
-    out_file = open(jsonl_path, "a", encoding="utf-8") if jsonl_path else None  # noqa: SIM115
+    out_file = _open_jsonl(Path(jsonl_path)) if jsonl_path else None
     progress = _progress(len(paths)) if jsonl_path else None
     try:
         for index, path in enumerate(paths):
             if len(paths) > 1 and not as_json and not out_file:
                 click.echo(("\n" if index else "") + f"== {path} ==")
             try:
-                image = load_image(path)
+                image = preloaded.pop(index, None) or load_image(path)
                 on_text = (lambda s: (click.echo(s, nl=False), sys.stdout.flush())) if stream else None
                 start = time.perf_counter()
                 answer = pipeline.describe(image, question, options, on_text)
@@ -280,6 +282,19 @@ def describe(
             out_file.close()
     if failures:
         raise MiniGPT4Error(f"{failures} of {len(paths)} images failed (see the lines above)")
+
+
+def _open_jsonl(path: Path) -> Any:
+    """Open for appending; if an interruption cut the last line short, start on a fresh line."""
+    cut = False
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            cut = fh.read(1) != b"\n"
+    handle = path.open("a", encoding="utf-8")
+    if cut:
+        handle.write("\n")
+    return handle
 
 
 def _read_done(path: Path) -> set[str]:
@@ -476,6 +491,10 @@ except ImportError:  # pragma: no cover - a tool package missing from a broken i
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Libraries that transformers imports when present (torchao via GPTQModel) log import-time noise
+    # that would break the one-line-error promise; their real failures still surface as exceptions.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     debug = bool(os.environ.get("MINIGPT4_DEBUG"))
     try:
         cli.main(args=argv, prog_name="minigpt4", standalone_mode=False)
