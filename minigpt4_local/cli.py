@@ -474,15 +474,14 @@ def _register_tool_groups() -> None:
     # heavy libraries lazily, so registering them keeps `minigpt4 --help` fast.
     from .export.cli import export_group
     from .quantize.cli import quantize_group
+    from .train.cli import train_group
 
     cli.add_command(export_group, "export")
     cli.add_command(quantize_group, "quantize")
+    cli.add_command(train_group, "train")
 
 
-try:
-    _register_tool_groups()
-except ImportError:  # pragma: no cover - a tool package missing from a broken install
-    pass
+_register_tool_groups()
 
 
 # ----- entry point ------------------------------------------------------------------------------
