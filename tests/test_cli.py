@@ -75,7 +75,17 @@ def vicuna_dir(tiny_model_dir) -> Path:
 def test_convert_lavis_then_describe(capsys, tmp_path: Path, image_path: Path, preset: str) -> None:
     src = write_lavis_sources(tmp_path / "src", preset)
     out = tmp_path / "model"
-    args = ["convert", "--vit", str(src.eva), "--proj", str(src.proj), "--llm", str(src.llm), "--out", str(out)]
+    args = [
+        "convert",
+        "--vit",
+        str(src.eva),
+        "--proj",
+        str(src.proj),
+        "--llm",
+        str(src.llm),
+        "--out",
+        str(out),
+    ]
     if src.blip2:
         args += ["--qformer", str(src.blip2)]
     code, _, err = run(capsys, *args, "--preset", preset)
@@ -110,20 +120,44 @@ def test_convert_refuses_wrong_checkpoints(capsys, tmp_path: Path) -> None:
 
     torch.save({"model": {"something.weight": torch.zeros(2, 2)}}, bogus)
     code, _, err = run(
-        capsys, "convert", "--vit", str(src.eva), "--qformer", str(src.blip2), "--proj", str(bogus),
-        "--llm", str(src.llm), "--out", str(tmp_path / "m1"),
+        capsys,
+        "convert",
+        "--vit",
+        str(src.eva),
+        "--qformer",
+        str(src.blip2),
+        "--proj",
+        str(bogus),
+        "--llm",
+        str(src.llm),
+        "--out",
+        str(tmp_path / "m1"),
     )
     assert_one_line_error(code, err, "llama_proj", progress_ok=True)
     # A projection of another preset's shape (13B-style output dim) → refused naming dims.
     code, _, err = run(
-        capsys, "convert", "--vit", str(src.eva), "--qformer", str(src.blip2), "--proj", str(src.proj),
-        "--llm", str(src.llm), "--out", str(tmp_path / "m2"), "--preset", "minigpt4-vicuna-7b",
+        capsys,
+        "convert",
+        "--vit",
+        str(src.eva),
+        "--qformer",
+        str(src.blip2),
+        "--proj",
+        str(src.proj),
+        "--llm",
+        str(src.llm),
+        "--out",
+        str(tmp_path / "m2"),
+        "--preset",
+        "minigpt4-vicuna-7b",
     )
     assert_one_line_error(code, err, "vision.hidden_size", "--preset tiny-vicuna-7b", progress_ok=True)
     assert not (tmp_path / "m2").exists()
 
 
-def test_tokenizer_not_matching_the_llm_is_refused(capsys, tmp_path: Path, vicuna_dir: Path, image_path: Path) -> None:
+def test_tokenizer_not_matching_the_llm_is_refused(
+    capsys, tmp_path: Path, vicuna_dir: Path, image_path: Path
+) -> None:
     import shutil
 
     from tests.support.tiny_tokenizer import make_tiny_sentencepiece
@@ -147,7 +181,9 @@ def test_describe_plain_and_deterministic(capsys, vicuna_dir: Path, image_path: 
     assert out1.strip() == out2.strip()
 
 
-def test_describe_uses_model_from_environment(capsys, monkeypatch, vicuna_dir: Path, image_path: Path) -> None:
+def test_describe_uses_model_from_environment(
+    capsys, monkeypatch, vicuna_dir: Path, image_path: Path
+) -> None:
     monkeypatch.setenv("MINIGPT4_MODEL", str(vicuna_dir))
     code, out, err = run(capsys, "describe", *FAST, "--json", str(image_path))
     assert code == 0, err
@@ -183,7 +219,9 @@ def test_jsonl_batch_resumes(capsys, tmp_path: Path, vicuna_dir: Path) -> None:
 
 def test_batch_continues_past_a_bad_image(capsys, tmp_path: Path, vicuna_dir: Path, image_path: Path) -> None:
     bad = write_text_file(tmp_path / "notes.png")
-    code, out, err = run(capsys, "describe", "-m", str(vicuna_dir), *FAST, "--json", str(bad), str(image_path))
+    code, out, err = run(
+        capsys, "describe", "-m", str(vicuna_dir), *FAST, "--json", str(bad), str(image_path)
+    )
     assert code == 1
     assert len(out.splitlines()) == 1  # the good image was still described
     assert "notes.png" in err and "Traceback" not in err
@@ -237,7 +275,9 @@ def test_bad_images_give_one_line(capsys, tmp_path: Path, vicuna_dir: Path, make
     path = make(tmp_path)
     result: dict[str, tuple[int, str, str]] = {}
     worker = threading.Thread(
-        target=lambda: result.setdefault("r", run(capsys, "describe", "-m", str(vicuna_dir), *FAST, str(path))),
+        target=lambda: result.setdefault(
+            "r", run(capsys, "describe", "-m", str(vicuna_dir), *FAST, str(path))
+        ),
         daemon=True,
     )
     worker.start()
@@ -274,8 +314,18 @@ def test_truncated_weights_are_refused(capsys, tmp_path: Path, vicuna_dir: Path,
 
 def test_errors_in_a_real_process_have_no_traceback(tmp_path: Path, vicuna_dir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "minigpt4_local.cli", "describe", "-m", str(vicuna_dir), str(tmp_path / "x.png")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "minigpt4_local.cli",
+            "describe",
+            "-m",
+            str(vicuna_dir),
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
@@ -286,10 +336,24 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path: Path, vicuna_dir: 
 
 def test_chat_through_stdin(capsys, tmp_path: Path, vicuna_dir: Path, image_path: Path) -> None:
     other = write_image(tmp_path / "b.png", gradient_rgb(20, 20, seed=3))
-    script = "\n".join(
-        ["What is it?", f"/image {other}", "Compare them.", "/image /no/such.png", "/bogus", "/reset",
-         "Hello?", f"/image {image_path}", "Again?", "/quit", "never read"]
-    ) + "\n"
+    script = (
+        "\n".join(
+            [
+                "What is it?",
+                f"/image {other}",
+                "Compare them.",
+                "/image /no/such.png",
+                "/bogus",
+                "/reset",
+                "Hello?",
+                f"/image {image_path}",
+                "Again?",
+                "/quit",
+                "never read",
+            ]
+        )
+        + "\n"
+    )
     code, out, err = run(capsys, "chat", "-m", str(vicuna_dir), *FAST, str(image_path), stdin=script)
     assert code == 0, err
     answers = [line for line in out.splitlines()]
