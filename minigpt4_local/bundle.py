@@ -133,14 +133,20 @@ class Bundle:
     ) -> Bundle:
         """A new bundle for `config`, or the existing one at `path` if it was made for the same architecture.
 
-        Nothing is written until `save()`. With `overwrite=True` an existing bundle's listed files are
-        deleted and its manifest replaced.
+        Nothing is written until `save()`. A non-empty directory that is not a bundle is refused. With
+        `overwrite=True` an existing bundle's listed files are deleted and its manifest replaced (and a
+        non-empty non-bundle directory is used as is).
         """
         root = Path(path)
         if root.exists() and not root.is_dir():
             raise ModelDirError(f"bundle path {root} exists and is not a directory")
         fresh = cls(root, _new_manifest(config, name))
         if not is_bundle(root):
+            if root.is_dir() and any(root.iterdir()) and not overwrite:
+                # Never scatter bundle files into (or over) someone's unrelated folder.
+                raise ModelDirError(
+                    f"{root} exists, is not empty and is not a bundle; choose a new or empty directory"
+                )
             return fresh
         existing = cls(root, _read_manifest(root))
         if overwrite:

@@ -137,6 +137,18 @@ def test_create_reopens_same_model_and_refuses_another(made: Path) -> None:
     assert fresh.manifest["parts"] == {} and not (made / "vision.onnx").exists()
 
 
+def test_create_refuses_unrelated_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(ModelDirError, match="is not empty and is not a bundle"):
+        Bundle.create(tmp_path / "photos", get_preset("tiny-vicuna-7b"))
+    (tmp_path / "empty").mkdir()
+    assert Bundle.create(tmp_path / "empty", get_preset("tiny-vicuna-7b")).manifest["parts"] == {}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelDirError, match="not a directory"):
+        Bundle.create(tmp_path / "file", get_preset("tiny-vicuna-7b"))
+
+
 def test_missing_or_broken_manifest(tmp_path: Path, made: Path) -> None:
     _refused(tmp_path / "nowhere", "bundle not found")
     (tmp_path / "empty").mkdir()

@@ -225,7 +225,6 @@ def test_external_data_bundle_and_reexport_replaces_files(models, fp32_graphs, t
     assert not list(root.glob(".vision-export-*")), "staging folder left behind"
 
 
-@pytest.mark.slow  # ~10 s on 2 cores: builds a model dir (LLM + tokenizer) and exports it
 def test_export_onnx_from_model_dir_via_cli(tiny_model_dir, tmp_path: Path) -> None:
     from click.testing import CliRunner
 

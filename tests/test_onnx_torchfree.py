@@ -65,7 +65,6 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # ~11 s on 2 cores, most of it the exporter's one-time warm-up
 def test_bundle_runs_without_torch(tmp_path: Path) -> None:
     import torch
 
