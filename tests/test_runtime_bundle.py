@@ -131,3 +131,14 @@ def test_prompt_longer_than_context_is_one_line(bundle, tmp_path: Path) -> None:
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "context" in lines[0], proc.stderr
+
+
+def test_model_dir_with_onnx_vision_matches_torch_vision(bundle, tmp_path: Path, capsys) -> None:
+    model, out = bundle
+    image = write_image(tmp_path / "a.png", gradient_rgb(50, 40, seed=5))
+    args = ["-m", str(model), "--greedy", "--max-new-tokens", "8", "--json", str(image)]
+    _cli("describe", *args)
+    torch_vision = json.loads(capsys.readouterr().out)
+    _cli("describe", *args, "--vision", "onnx", "--vision-bundle", str(out))
+    onnx_vision = json.loads(capsys.readouterr().out)
+    assert onnx_vision["token_ids"] == torch_vision["token_ids"]
