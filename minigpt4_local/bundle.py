@@ -77,6 +77,7 @@ _PART_DIMS: dict[str, list[tuple[str, Callable[[MiniGPT4Config], Any], str]]] = 
         ("num_layers", lambda c: c.llm.num_layers, "architecture llm.num_layers"),
     ],
 }
+_PART_DIMS["llm_gptq"] = _PART_DIMS["llm"]  # the GPTQ decoder records the same dims
 
 
 # Keys a part must carry for the runtime to use it.

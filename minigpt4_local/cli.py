@@ -101,6 +101,10 @@ def load_pipeline(opts: dict[str, Any]) -> Any:
         providers=opts.get("providers"),
         n_gpu_layers=opts.get("n_gpu_layers"),
         n_threads=opts.get("threads"),
+        decoder=opts.get("decoder"),
+        device=opts.get("device"),
+        dtype=opts.get("dtype"),
+        gptq_kernel=opts.get("gptq_kernel") or "auto",
     )
 
 
@@ -136,6 +140,12 @@ def _model_options(f: Any) -> Any:
             callback=lambda _c, _p, v: [s.strip() for s in v.split(",") if s.strip()] if v else None,
             help="ONNX Runtime execution providers, comma-separated (default: TensorRT, CUDA, CPU as available).",
         ),
+        click.option(
+            "--decoder",
+            type=click.Choice(["gguf", "gptq"]),
+            help="Which decoder of a bundle to use (default: GGUF if present, else GPTQ).",
+        ),
+        click.option("--gptq-kernel", help="GPTQ kernel: auto (default), marlin, exllama_v2, torch_fused, …"),
         click.option(
             "--n-gpu-layers", type=int, help="llama.cpp layers to offload (default: all on a GPU build)."
         ),

@@ -113,3 +113,13 @@ def gguf_command(
             err=True,
         )
     click.echo(json.dumps(part))
+
+
+def _register_gptq() -> None:
+    # The GPTQ command lives in its own module (its heavy imports are lazy too).
+    from .gptq_cli import gptq_command
+
+    quantize_group.add_command(gptq_command, "gptq")
+
+
+_register_gptq()

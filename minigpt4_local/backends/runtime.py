@@ -1,10 +1,10 @@
 """The torch-free runtime: a bundle's ONNX Runtime vision encoder + its quantized decoder.
 
 Contract: `load_bundle_pipeline(path, verify=True, providers=None, n_gpu_layers=None, n_threads=None,
-decoder="auto")` opens and validates the bundle (checksums unless `verify=False`), then builds a
-`Pipeline` from `OnnxVisionEncoder` and the chosen decoder part: `llm` (GGUF through llama.cpp) or
-`llm_gptq` (GPTQ through transformers/GPTQModel, which imports torch). With `decoder="auto"` the GGUF
-part wins, so `describe --model BUNDLE` never imports torch when the bundle has a GGUF decoder.
+decoder=None, device=None, dtype=None, gptq_kernel="auto")` opens and validates the bundle (checksums
+unless `verify=False`), then builds a `Pipeline` from `OnnxVisionEncoder` and the chosen decoder part:
+`llm` (GGUF through llama.cpp) or `llm_gptq` (GPTQ through GPTQModel, which imports torch). By default
+the GGUF part wins, so `describe --model BUNDLE` never imports torch when the bundle has a GGUF decoder.
 Before anything runs it checks that the parts fit together: vision output width == decoder embedding
 width, tokenizer vocabulary vs decoder vocabulary, and a prompt template in the manifest.
 """
@@ -15,26 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import Bundle
-from ..errors import ConfigError, ModelDirError
+from ..errors import ModelDirError
 from ..pipeline import Pipeline
 from ..tokenizer import check_vocab, derive_stop_sequences, load_tokenizer
-
-DECODER_PARTS = {"gguf": "llm", "gptq": "llm_gptq"}
-
-
-def _choose_decoder(bundle: Bundle, decoder: str) -> str:
-    if decoder == "auto":
-        for kind, part in DECODER_PARTS.items():
-            if bundle.has_part(part):
-                return kind
-        raise ModelDirError(
-            f"bundle {bundle.root} has no decoder: add one with `minigpt4 quantize gguf` or `minigpt4 quantize gptq`"
-        )
-    if decoder not in DECODER_PARTS:
-        raise ConfigError(f"unknown decoder {decoder!r}; choose gguf or gptq")
-    if not bundle.has_part(DECODER_PARTS[decoder]):
-        raise ModelDirError(f"bundle {bundle.root} has no {decoder} decoder part")
-    return decoder
 
 
 def _bundle_tokenizer(bundle: Bundle, fallback: Any) -> Any:
@@ -49,8 +32,12 @@ def load_bundle_pipeline(
     providers: list[str] | None = None,
     n_gpu_layers: int | None = None,
     n_threads: int | None = None,
-    decoder: str = "auto",
+    decoder: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    gptq_kernel: str = "auto",
 ) -> Pipeline:
+    from .gptq_backend import load_gptq_pipeline, pick_decoder
     from .onnx_vision import OnnxVisionEncoder
 
     bundle = Bundle.open(path, verify=verify)
@@ -59,28 +46,23 @@ def load_bundle_pipeline(
         raise ModelDirError(f"bundle {bundle.root} has no prompt template in its manifest")
     if not bundle.has_part("vision"):
         raise ModelDirError(f"bundle {bundle.root} has no vision part: run `minigpt4 export onnx` first")
-    kind = _choose_decoder(bundle, decoder)
-    vision = OnnxVisionEncoder(bundle, providers=providers, verify=False)  # files were verified above
-    if kind == "gguf":
-        from .llamacpp import LlamaCppDecoder, LlamaCppPipelineDecoder, LlamaCppTokenizer
-
-        llm = LlamaCppDecoder(
-            bundle.part_path("llm"),
-            n_ctx=config.prompt.max_context,
-            n_gpu_layers=-1 if n_gpu_layers is None else n_gpu_layers,
-            n_threads=n_threads,
+    if pick_decoder(bundle, decoder) == "gptq":
+        # Files were verified just above: no second hashing pass.
+        return load_gptq_pipeline(
+            bundle.root, device=device, kernel=gptq_kernel, dtype=dtype, providers=providers, verify=False
         )
-        width, vocab = llm.n_embd, llm.n_vocab
-        tokenizer = _bundle_tokenizer(bundle, lambda: LlamaCppTokenizer(llm))
-        pipeline_decoder: Any = LlamaCppPipelineDecoder(llm)
-        label = f"llama.cpp {bundle.part('llm').get('type', '')}".strip()
-    else:
-        from .gptq_backend import load_gptq_decoder
+    from .llamacpp import LlamaCppDecoder, LlamaCppPipelineDecoder, LlamaCppTokenizer
 
-        pipeline_decoder = load_gptq_decoder(bundle)
-        width, vocab = pipeline_decoder.hidden_size, pipeline_decoder.vocab_size
-        tokenizer = _bundle_tokenizer(bundle, lambda: load_tokenizer(bundle.part_path("llm_gptq")))
-        label = "GPTQ"
+    vision = OnnxVisionEncoder(bundle, providers=providers, verify=False)  # files were verified above
+    llm = LlamaCppDecoder(
+        bundle.part_path("llm"),
+        n_ctx=config.prompt.max_context,
+        n_gpu_layers=-1 if n_gpu_layers is None else n_gpu_layers,
+        n_threads=n_threads,
+    )
+    width, vocab = llm.n_embd, llm.n_vocab
+    tokenizer = _bundle_tokenizer(bundle, lambda: LlamaCppTokenizer(llm))
+    label = f"llama.cpp {bundle.part('llm').get('type', '')}".strip()
     vision_width = int(bundle.part("vision").get("hidden", config.llm.hidden_size))
     if vision_width != width:
         raise ModelDirError(
@@ -89,5 +71,5 @@ def load_bundle_pipeline(
     check_vocab(tokenizer, vocab)
     stops = config.prompt.stop_sequences or derive_stop_sequences(tokenizer)
     return Pipeline(
-        config, tokenizer, vision, pipeline_decoder, stops, name=f"{bundle.name} (onnx + {label})"
+        config, tokenizer, vision, LlamaCppPipelineDecoder(llm), stops, name=f"{bundle.name} (onnx + {label})"
     )
