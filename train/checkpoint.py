@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minigpt4_local.checkpoints.model_dir import replace_dir
 from minigpt4_local.errors import CheckpointError
 
 STATE_FORMAT = "minigpt4-local/train-state"
@@ -142,16 +143,6 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(item, target)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def export_model_dir(
     model: Any, source_dir: str | Path, out: str | Path, trained_parts: Iterable[str]
 ) -> Path:
@@ -173,7 +164,7 @@ def export_model_dir(
             tensors[name] = state[name].detach().float().cpu()
         save_safetensors(dict(sorted(tensors.items())), tmp / VISION_FILE)
         _link_or_copy_tree(source / LLM_DIR, tmp / LLM_DIR)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,28 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from minigpt4_local.errors import ConfigError
+from minigpt4_local.tokenizer import Tokenizer
 
 from .captions import IMAGE_PLACEHOLDER
 
 IMAGE_SLOT = -1  # id placeholder where one image-embedding row goes
 IGNORE = -100  # label of a position the loss skips (HF/PyTorch ignore_index)
 OCT_PAD_TEXT = "$$"
-
-
-class _Tokenizer(Protocol):
-    @property
-    def bos_id(self) -> int | None: ...
-    @property
-    def eos_id(self) -> int | None: ...
-    @property
-    def unk_id(self) -> int | None: ...
-    @property
-    def vocab_size(self) -> int: ...
-    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
-    def id_to_piece(self, token_id: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -88,7 +75,7 @@ def _prompt_text(instruction: str | None, spec: LayoutSpec, first: bool) -> str:
     return spec.template.format(instruction) if spec.template else instruction
 
 
-def _prompt_ids(prompt: str, tokenizer: _Tokenizer, spec: LayoutSpec, first: bool) -> list[int]:
+def _prompt_ids(prompt: str, tokenizer: Tokenizer, spec: LayoutSpec, first: bool) -> list[int]:
     segments = prompt.split(IMAGE_PLACEHOLDER)
     if first and len(segments) != 2:
         raise ValueError(f"the first prompt must hold exactly one {IMAGE_PLACEHOLDER}: {prompt!r}")
@@ -105,7 +92,7 @@ def _prompt_ids(prompt: str, tokenizer: _Tokenizer, spec: LayoutSpec, first: boo
 def layout_sample(
     turns: Sequence[tuple[str | None, str]],
     batch_instruction: str | None,
-    tokenizer: _Tokenizer,
+    tokenizer: Tokenizer,
     spec: LayoutSpec,
 ) -> SampleLayout:
     """One sample's ids and labels (see module docstring)."""
@@ -137,14 +124,14 @@ def pad_batch(layouts: Sequence[SampleLayout], pad_id: int) -> PaddedBatch:
     return PaddedBatch(ids, labels, attention)
 
 
-def _piece_id(tokenizer: _Tokenizer, piece: str) -> int | None:
+def _piece_id(tokenizer: Tokenizer, piece: str) -> int | None:
     for token_id in range(tokenizer.vocab_size):
         if tokenizer.id_to_piece(token_id) == piece:
             return token_id
     return None
 
 
-def pad_token_id(tokenizer: _Tokenizer, release: str) -> int:
+def pad_token_id(tokenizer: Tokenizer, release: str) -> int:
     """The pad id of the chosen release (see module docstring)."""
     if release == "april2023":
         if tokenizer.eos_id is None:

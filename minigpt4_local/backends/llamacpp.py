@@ -13,7 +13,8 @@ Contract:
   A prompt that does not fit (`n_past + len(parts) > n_ctx`) raises `PromptError` before any decode.
   `all_logits=True` returns the (T, n_vocab) logits of every prefilled position (perplexity).
 - `generate(options, stop, on_token=None) -> list[int]` samples with llama.cpp's own sampler chain
-  (repetition penalty, temperature, top-k, top-p, seeded draw; greedy = argmax after the penalty)
+  (repetition penalty, temperature, top-k, top-p, seeded draw; greedy = argmax after the penalty;
+  plain greedy without a penalty is a numpy argmax of the logits row, the same token, cheaper)
   until `stop.is_stop(ids)`, `options.max_new_tokens`, or a full context. `on_token(id, text)` streams
   each token with its newly completed UTF-8 text. The ids returned are stripped with `stop.strip` when
   `stop` has it (the torch backend's convention), else returned as generated. Every sampled token

@@ -179,6 +179,17 @@ def _adopt_llm_numerics(cfg: MiniGPT4Config, dims: LLMDims, progress: Progress |
 # ----- atomic directory writes ----------------------------------------------------------------
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory `tmp` to `out`, replacing an existing `out` (renames only)."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 @contextmanager
 def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; on success it replaces `out`, on failure it is removed."""
@@ -189,13 +200,7 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
