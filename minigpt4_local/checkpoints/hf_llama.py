@@ -37,6 +37,19 @@ from .safe_load import (
     unwrap_state_dict,
 )
 
+# The LLMConfig fields an HF LLaMA directory determines (compared with the preset by `layout`).
+LLM_DIM_KEYS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+)
+
 if TYPE_CHECKING:
     import torch
 
@@ -108,17 +121,7 @@ class LLMDims:
 
     def as_dims(self) -> dict[str, tuple[Any, str]]:
         """`{config key: (value, where it was read)}` for comparison with a MiniGPT4Config."""
-        keys = (
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "intermediate_size",
-            "vocab_size",
-            "tie_word_embeddings",
-            "bos_token_id",
-            "eos_token_id",
-        )
+        keys = LLM_DIM_KEYS
         return {
             f"llm.{k}": (getattr(self, k), self.sources.get(k, "llm/config.json"))
             for k in keys

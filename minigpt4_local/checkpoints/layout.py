@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
+from .hf_llama import LLM_DIM_KEYS
 from .names import count_layers, layer_index
 
 if TYPE_CHECKING:
@@ -130,17 +131,7 @@ def config_dims(cfg: MiniGPT4Config) -> dict[str, Any]:
                 "qformer.cross_attention_layers": tuple(range(0, q.num_layers, q.cross_attention_frequency)),
             }
         )
-    for key in (
-        "hidden_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "intermediate_size",
-        "vocab_size",
-        "tie_word_embeddings",
-        "bos_token_id",
-        "eos_token_id",
-    ):
+    for key in LLM_DIM_KEYS:
         dims[f"llm.{key}"] = getattr(llm, key)
     return dims
 
