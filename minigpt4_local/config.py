@@ -109,6 +109,9 @@ class PromptConfig:
     """Prompt template, stop rules and context limit (spec sections 6–7)."""
 
     template: str = "vicuna_v0"
+    # The text before the first turn; None keeps the template's own (the original demo's system message),
+    # "" drops it (a model trained without it, like the original stage 2 and the bundled demo).
+    system: str | None = None
     # Token-id sequences that end generation (the encodings of `###` in the LLaMA vocab).
     # Empty means: derive them from the tokenizer at load time.
     stop_sequences: list[list[int]] = field(default_factory=lambda: [[835], [2277, 29937]])
@@ -228,6 +231,8 @@ class MiniGPT4Config:
         for seq in self.prompt.stop_sequences:
             if not seq or any((not isinstance(t, int)) or t < 0 or t >= llm.vocab_size for t in seq):
                 raise ConfigError(f"prompt.stop_sequences entry {seq!r} is empty or outside the vocabulary")
+        if self.prompt.system is not None and not isinstance(self.prompt.system, str):
+            raise ConfigError("prompt.system must be a string or null")
         if self.prompt.max_context <= 0:
             raise ConfigError("prompt.max_context must be positive")
         g = self.generation

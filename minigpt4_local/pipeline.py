@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .config import MiniGPT4Config
 from .errors import PromptError
-from .prompts import Conversation, StopChecker, postprocess
+from .prompts import Conversation, StopChecker, get_template, postprocess
 from .sampling import SamplingOptions
 from .stitching import StitchPlan, build_plan, truncate_left
 from .streaming import TextStream
@@ -91,7 +91,9 @@ class Pipeline:
 class ChatSession:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.conversation = Conversation(pipeline.config.prompt.template)
+        self.conversation = Conversation(
+            get_template(pipeline.config.prompt.template, pipeline.config.prompt.system)
+        )
         self.image_embeds: list[Any] = []
         self.encode_seconds = 0.0
 

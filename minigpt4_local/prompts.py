@@ -21,7 +21,7 @@ Contract (spec sections 6–7, byte-exact with the original demo):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import PromptError
 
@@ -67,11 +67,13 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def get_template(name: str) -> Template:
+def get_template(name: str, system: str | None = None) -> Template:
+    """The template `name`; `system` (when not None) replaces its system text."""
     try:
-        return TEMPLATES[name]
+        template = TEMPLATES[name]
     except KeyError:
         raise PromptError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}") from None
+    return template if system is None else replace(template, system=system)
 
 
 class Conversation:

@@ -215,7 +215,7 @@ def stitched_prompt_agreement(
     from minigpt4_local.checkpoints.model_dir import load_model_dir
     from minigpt4_local.config import load_config
     from minigpt4_local.image import preprocess
-    from minigpt4_local.prompts import Conversation
+    from minigpt4_local.prompts import Conversation, get_template
     from minigpt4_local.stitching import build_plan, stitch
     from minigpt4_local.tokenizer import load_tokenizer
 
@@ -231,7 +231,7 @@ def stitched_prompt_agreement(
     results = []
     with LlamaCppDecoder(gguf_path, n_ctx=cfg.prompt.max_context + n_new, n_threads=n_threads) as dec:
         for question, emb in zip(questions, image_embeds, strict=True):
-            conv = Conversation(cfg.prompt.template)
+            conv = Conversation(get_template(cfg.prompt.template, cfg.prompt.system))
             conv.add_image()
             conv.ask(question)
             plan = build_plan(conv.prompt(), tokenizer, cfg.num_image_tokens)

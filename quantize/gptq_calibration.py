@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from minigpt4_local.config import MiniGPT4Config
 from minigpt4_local.errors import ConfigError
-from minigpt4_local.prompts import Conversation
+from minigpt4_local.prompts import Conversation, get_template
 from minigpt4_local.stitching import ImagePart, StitchPlan, TextPart, build_plan, stitch
 
 __all__ = [
@@ -237,7 +237,7 @@ class PromptBuilder:
 
     def prompt(self, image: Any, question: str) -> Sample:
         """The open prompt (system, image, question, `Assistant:` turn) the decoder will answer."""
-        conv = Conversation(self.config.prompt.template)
+        conv = Conversation(get_template(self.config.prompt.template, self.config.prompt.system))
         conv.add_image()
         conv.ask(question)
         return self._sample(self._plan(conv.prompt()), image, "image")
@@ -261,7 +261,7 @@ class PromptBuilder:
 
     def captioned(self, image: Any, question: str, caption: str) -> Sample:
         """A finished turn: the caption rendered as the assistant's message after the image prompt."""
-        conv = Conversation(self.config.prompt.template)
+        conv = Conversation(get_template(self.config.prompt.template, self.config.prompt.system))
         conv.add_image()
         conv.ask(question)
         conv.add_answer(caption.strip())

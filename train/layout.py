@@ -4,7 +4,7 @@ Contract:
 - A sample is a list of turns `[(instruction | None, answer), …]`; `instruction=None` on the first turn
   means "the batch's instruction" (stage 2: one drawn per batch from the prompt list; stage 1: none).
 - `layout_sample(turns, batch_instruction, tokenizer, spec) -> SampleLayout(ids, labels)`:
-    ids    = [BOS] + for each turn: prompt tokens (+ `num_image_tokens` × IMAGE_SLOT in the first turn)
+    ids    = [BOS] (only if `spec.bos_id`: the tokenizer adds one) + for each turn: prompt tokens (+ `num_image_tokens` × IMAGE_SLOT in the first turn)
              + answer tokens
     labels = IGNORE (-100) for BOS, every prompt token and every image slot; the answer tokens for the
              answer, except answer tokens equal to `spec.pad_id` (the original masks them too).
@@ -37,7 +37,7 @@ OCT_PAD_TEXT = "$$"
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    bos_id: int
+    bos_id: int | None  # None: the tokenizer never adds BOS, so neither does the runtime nor training
     pad_id: int
     num_image_tokens: int
     end_sym: str
@@ -98,7 +98,7 @@ def layout_sample(
     """One sample's ids and labels (see module docstring)."""
     if not turns:
         raise ValueError("a sample needs at least one (instruction, answer) turn")
-    ids, labels = [spec.bos_id], [IGNORE]
+    ids, labels = ([spec.bos_id], [IGNORE]) if spec.bos_id is not None else ([], [])
     for k, (instruction, answer) in enumerate(turns):
         first = k == 0
         chosen = instruction if instruction is not None or not first else batch_instruction

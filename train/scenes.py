@@ -69,6 +69,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "blue": (30, 80, 230),
     "purple": (150, 40, 190),
 }
+COLORS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 SIZES = ("small", "large")
 ROWS = ("top", "middle", "bottom")

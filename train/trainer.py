@@ -241,6 +241,15 @@ def prepare_batch(
 # ----- the run ------------------------------------------------------------------------------------------
 
 
+def training_bos_id(tokenizer: Any) -> int | None:
+    """BOS exactly when the runtime's stitch puts one first (`encode(first segment, add_bos=True)`): LLaMA's
+    tokenizer adds it, as the original's training does; one that never adds BOS (SmolLM2) gets none, so a
+    model trained here sees at run time the sequence it was trained on."""
+    probe = tokenizer.encode("a", add_bos=True)
+    bos = tokenizer.bos_id
+    return bos if bos is not None and probe and probe[0] == bos else None
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -279,12 +288,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(Path(cfg.model.dir) / LLM_DIR)
         check_vocab(self.tokenizer, model.config.llm.vocab_size)
         mc = model.config
-        if self.tokenizer.bos_id is None:
-            raise ConfigError(
-                "the tokenizer has no BOS token; MiniGPT-4 training starts every sequence with BOS"
-            )
         self.spec = LayoutSpec(
-            bos_id=self.tokenizer.bos_id,
+            bos_id=training_bos_id(self.tokenizer),
             pad_id=pad_token_id(self.tokenizer, cfg.model.release),
             num_image_tokens=mc.num_image_tokens,
             end_sym=cfg.model.end_sym,
