@@ -16,7 +16,8 @@ Contract:
   one linear head, shared by the 9 queries, reads from each query's output the cell's object (shape or
   empty, colour, size), the cell itself (which of the 9) and the scene's object count. Each image row the
   decoder later sees is thus a self-contained "cell k: small red star" code (measured: a head on the
-  flattened queries gave entangled codes the frozen decoder read poorly, 49 % after 600 stage-2 steps).
+  flattened queries gave entangled codes the frozen decoder read poorly: 49 % on 12 held-out scenes after
+  600 stage-2 steps, against 62.5 % with per-query cell codes).
   A second head on the flattened ViT tokens teaches the ViT in a few hundred steps what the
   cross-attention alone passes back slowly. Only `vision.safetensors` is rewritten (the heads are
   discarded); returns the final accuracies of the query head on held-out scenes.
