@@ -73,11 +73,12 @@ def test_explicit_demo_model_and_json(tmp_path: Path) -> None:
 
 
 def test_small_heldout_eval_beats_the_bar(tmp_path: Path) -> None:
-    """20 held-out scenes through the shipped torch-free path: ≥ 60 % overall (a model that ignores the image,
-    or a broken bundle, lands far below: listing the commonest attributes scores about 25 %)."""
+    """20 held-out scenes through the shipped torch-free path: ≥ 85 % overall (the shipped demo describes 19
+    of these 20 exactly; the previous, under-trained demo scored 72.5 % over 200 scenes; a model that
+    ignores the image, or a broken bundle, lands far below: listing the commonest attributes scores ~25 %)."""
     result = _torch_free_cli(tmp_path, "eval-demo", "--n", "20")
     assert result.returncode == 0, result.stderr
     line = json.loads(result.stdout.strip().splitlines()[-1])
     accuracy = line["eval_demo"][0]["accuracy"]
     assert accuracy["scenes"] == 20
-    assert accuracy["overall"] >= 0.60, accuracy
+    assert accuracy["overall"] >= 0.85, accuracy

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minigpt4_local.bundle import Bundle
@@ -89,13 +90,68 @@ def test_vision_warm_up_trains_vision_and_qformer_only(tiny_tokenizer_dir, tmp_p
     lines: list[str] = []
     result = warm_up_vision(model_dir, settings, echo=lines.append)
     after = load_model_dir(model_dir, with_llm=False).vision_state_dict()
-    assert set(result["heldout_cell_accuracy"]) == {"shape", "color", "size", "cell", "count"}
+    assert set(result["heldout_cell_accuracy"]) == {"occupied", "shape", "color", "size", "cell", "count"}
     assert all(0.0 <= v <= 1.0 for v in result["heldout_cell_accuracy"].values())
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("vision_model.") for k in changed)
     assert any(k.startswith("qformer.") for k in changed) and "query_tokens" in changed
     assert not any(k.startswith("llama_proj.") for k in changed)  # the projection trains in stage 2
     assert any("warm-up step 3/3" in line for line in lines)
+
+
+def test_mirrored_scene_labels_follow_the_pixels() -> None:
+    """The warm-up's left-right mirror: the object of cell (r, c) is at (r, 2 - c), same colour and shape."""
+    from minigpt4_local.train.demo import MIRROR_CELLS, cell_targets
+    from minigpt4_local.train.scenes import PALETTE, SHAPES, make_scene
+
+    scene = next(s for s in (make_scene(k, 224) for k in range(50)) if len(s.objects) == 3)
+    assert any(o.col != 1 for o in scene.objects)  # the mirror moves at least one object
+    mirrored = np.asarray(scene.image)[:, ::-1]  # (H, W, 3)
+    targets = cell_targets(scene)[list(MIRROR_CELLS)]  # labels of the mirrored scene, by cell
+    assert int((targets[:, 0] == 1).sum()) == 3
+    for obj in scene.objects:
+        x, y = obj.center
+        assert tuple(mirrored[y, scene.image_size - 1 - x]) == PALETTE[obj.color]
+        assert targets[obj.row * 3 + (2 - obj.col), 1] == SHAPES.index(obj.shape)
+
+
+def test_fit_ridge_recovers_a_linear_map() -> None:
+    import torch
+
+    from minigpt4_local.train.demo import fit_ridge
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=gen, dtype=torch.float64)
+    weight, bias = torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)
+    y = x @ weight.double().T + bias.double()
+    got_w, got_b = fit_ridge(x, y, ridge=1e-9)
+    torch.testing.assert_close(got_w, weight.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_b, bias.double(), atol=1e-6, rtol=0)
+    shrunk, _ = fit_ridge(x, y, ridge=1e3)
+    assert shrunk.norm() < got_w.norm()  # the ridge shrinks the weight, not the bias
+
+
+def test_align_projection_changes_only_the_projection(tiny_tokenizer_dir, tmp_path: Path) -> None:
+    import torch
+
+    from minigpt4_local.checkpoints.model_dir import load_model_dir, save_model_dir
+    from minigpt4_local.model import MiniGPT4
+    from minigpt4_local.train.demo import align_projection_to_words
+
+    config = get_preset("tiny-vicuna-7b")
+    config.qformer.num_query_tokens = 9
+    torch.manual_seed(0)
+    model_dir = save_model_dir(MiniGPT4(config), tiny_tokenizer_dir, tmp_path / "model")
+    before = load_model_dir(model_dir, with_llm=False).vision_state_dict()
+    lines: list[str] = []
+    facts = align_projection_to_words(model_dir, n_scenes=30, echo=lines.append)
+    after = load_model_dir(model_dir, with_llm=False).vision_state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"llama_proj.weight", "llama_proj.bias"}
+    assert facts["heldout_r2"] <= 1.0
+    for key in ("nearest_size_word", "nearest_color_word", "nearest_shape_word"):
+        assert 0.0 <= facts[key] <= 1.0
+    assert len(lines) == 1 and lines[0].startswith("projection aligned to word embeddings")
 
 
 def test_vision_warm_up_needs_a_query_per_cell(tiny_model_dir) -> None:

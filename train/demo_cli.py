@@ -2,8 +2,8 @@
 `minigpt4 eval-demo` (registered by the main CLI). The recipe they implement is in README "The demo model".
 
 - `train demo-prepare OUT`: SmolLM2 dequantized to OUT/smollm2-hf, the demo model directory OUT/model with a
-  seeded random vision side, its vision warm-up on scene labels (OUT/warmup.json), and the stage-2 scene
-  data OUT/scenes (cc_sbu_align). Then: `minigpt4 train stage2 --config demo-stage2 …` (printed).
+  seeded random vision side, its vision warm-up on scene labels (OUT/warmup.json), its projection fitted to
+  the decoder's word embeddings (OUT/align.json), and the stage-2 scene data OUT/scenes (cc_sbu_align). Then: `minigpt4 train stage2 --config demo-stage2 …` (printed).
 - `train demo-export MODEL_DIR --out BUNDLE`: the shipped bundle (see demo.export_demo_bundle).
 - `eval-demo [--backend B]… [--n 200] [--model BUNDLE]`: accuracy per backend on held-out scenes; a table,
   then one JSON line.
@@ -23,14 +23,26 @@ from minigpt4_local.demo_bundle import demo_bundle_path
 
 @click.command(name="demo-prepare", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--scenes", type=click.IntRange(16), default=12000, show_default=True, help="Training scenes.")
-@click.option("--warmup-steps", type=click.IntRange(1), default=3000, show_default=True)
+@click.option(
+    "--warmup-scenes", type=click.IntRange(16), default=40000, show_default=True, help="Warm-up scenes."
+)
+@click.option("--warmup-steps", type=click.IntRange(1), default=5000, show_default=True)
+@click.option(
+    "--caption-scenes",
+    type=click.IntRange(16),
+    default=30000,
+    show_default=True,
+    help="Captioned scenes written for stage 2.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random vision side.")
-def demo_prepare_command(out: str, scenes: int, warmup_steps: int, seed: int) -> None:
+def demo_prepare_command(
+    out: str, warmup_scenes: int, warmup_steps: int, caption_scenes: int, seed: int
+) -> None:
     """Build the demo model directory, warm up its vision side and write the stage-2 scene data into OUT."""
     from .demo import (
         SCENE_RENDER_SIZE,
         WarmUpSettings,
+        align_projection_to_words,
         build_demo_model_dir,
         dequantize_smollm2,
         warm_up_vision,
@@ -43,10 +55,13 @@ def demo_prepare_command(out: str, scenes: int, warmup_steps: int, seed: int) ->
         click.echo(f"dequantizing SmolLM2-135M-Instruct into {hf}", err=True)
         dequantize_smollm2(hf)
     build_demo_model_dir(hf, root / "model", seed=seed, overwrite=True)
-    settings = WarmUpSettings(steps=warmup_steps, train_scenes=scenes, seed=seed)
-    result = warm_up_vision(root / "model", settings, echo=lambda s: click.echo(s, err=True))
+    settings = WarmUpSettings(steps=warmup_steps, train_scenes=warmup_scenes, seed=seed)
+    say = lambda s: click.echo(s, err=True)  # noqa: E731
+    result = warm_up_vision(root / "model", settings, echo=say)
     (root / "warmup.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    data = write_scene_dataset(root / "scenes", "train", scenes, SCENE_RENDER_SIZE)
+    facts = align_projection_to_words(root / "model", echo=say)
+    (root / "align.json").write_text(json.dumps(facts, indent=1) + "\n", encoding="utf-8")
+    data = write_scene_dataset(root / "scenes", "train", caption_scenes, SCENE_RENDER_SIZE)
     click.echo(
         "next: minigpt4 train stage2 --config demo-stage2 "
         f"model.dir={root / 'model'} 'data.sources=[{{name: scenes, kind: cc_sbu_align, path: {data}}}]' "
