@@ -8,14 +8,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from minigpt4_local.bundle import Bundle
 from minigpt4_local.demo_bundle import DEMO_NOTICE, demo_bundle_path
-from tests.test_runtime_bundle import BLOCK_TORCH
+from tests.support.torch_free import run_torch_free_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README_COMMAND = re.compile(
@@ -29,20 +28,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def _torch_free_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    site = tmp / "blocker"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(BLOCK_TORCH)
     env = {k: v for k, v in os.environ.items() if k != "MINIGPT4_MODEL"}
     env["XDG_CONFIG_HOME"] = str(tmp / "config")  # no user default model
-    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt4_local.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
+    return run_torch_free_cli(tmp, *args, env=env, extra_path=[ROOT], cwd=ROOT)
 
 
 def test_shipped_demo_bundle_validates() -> None:

@@ -4,28 +4,15 @@ in a process where importing torch fails; greedy tokens equal the PyTorch backen
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from minigpt4_local.cli import main
 from tests.support.images import gradient_rgb, write_image
-
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers"):
-                raise ImportError(f"{name} is blocked in this test")
-    sys.meta_path.insert(0, _Block())
-    """
-)
+from tests.support.torch_free import run_torch_free_cli
 
 
 def _cli(*args: str) -> None:
@@ -36,18 +23,7 @@ def _cli(*args: str) -> None:
 
 
 def _torch_free(tmp: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    site = tmp / "blocker"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt4_local.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        input=stdin,
-    )
+    return run_torch_free_cli(tmp, *args, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
