@@ -322,9 +322,15 @@ def test_gradient_accumulation_equals_the_big_batch(work: Path, model_dir: Path)
 
 # ----- kill and resume ------------------------------------------------------------------------------------------
 
+# The killed run trains in a subprocess, the uninterrupted and the resumed runs in this process (one torch
+# thread, the module fixture above). The subprocess must pin the same thread count: torch's default (all
+# cores) selects kernels that round differently on some CPUs (an Intel Xeon: ~7e-7 after six steps), and
+# the assertion below is bit-exact because every setting that selects kernels is the same in both.
 KILL_DRIVER = textwrap.dedent(
     """
     import json, os, signal, sys
+    import torch
+    torch.set_num_threads(1)
     import minigpt4_local.train.trainer as trainer
     from minigpt4_local.train.config import load_train_config
 
