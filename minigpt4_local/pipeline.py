@@ -18,9 +18,9 @@ from typing import Any, Protocol
 
 from .config import MiniGPT4Config
 from .errors import PromptError
-from .prompts import Conversation, StopChecker, get_template, postprocess
+from .prompts import StopChecker, new_conversation, postprocess
 from .sampling import SamplingOptions
-from .stitching import StitchPlan, build_plan, truncate_left
+from .stitching import StitchPlan, plan_prompt
 from .streaming import TextStream
 
 
@@ -91,9 +91,7 @@ class Pipeline:
 class ChatSession:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.conversation = Conversation(
-            get_template(pipeline.config.prompt.template, pipeline.config.prompt.system)
-        )
+        self.conversation = new_conversation(pipeline.config.prompt)
         self.image_embeds: list[Any] = []
         self.encode_seconds = 0.0
 
@@ -123,13 +121,7 @@ class ChatSession:
         if not question.strip():
             raise PromptError("the question is empty")
         self.conversation.ask(question)
-        plan = build_plan(self.conversation.prompt(), p.tokenizer, p.config.num_image_tokens)
-        budget = p.config.prompt.max_context - options.max_new_tokens
-        if budget <= 0:
-            raise PromptError(
-                f"max_new_tokens ({options.max_new_tokens}) leaves no room in the context ({p.config.prompt.max_context})"
-            )
-        plan = truncate_left(plan, budget)
+        plan = plan_prompt(self.conversation.prompt(), p.tokenizer, p.config, options.max_new_tokens)
         stream = TextStream(p.tokenizer.decode) if on_text is not None else None
 
         def on_token(token_id: int) -> None:

@@ -12,6 +12,10 @@ Contract (spec sections 6–7, byte-exact with the original demo):
   `ask(q)` joins `q` onto the last human message with a space if that ends with `</Img>`, else appends
   a new human message; `prompt()` renders with the assistant turn open (the conversation is not
   changed); `add_answer(text)` records the answer; `num_images`; `reset()`.
+- `new_conversation(prompt_config)` is the conversation a model's prompt settings call for (its template,
+  its system text); `image_prompt(prompt_config, question, answer=None)` renders the single-image turn
+  (`<Img><ImageHere></Img> question`) with the assistant turn open, or closed with `answer` — the one
+  prompt builder that describe, chat, calibration, evaluation and training-data code share.
 - `postprocess(text)`: the text before the first `###`, then after the last `Assistant:`, stripped.
 - `StopChecker(stop_sequences, eos_id, stop_on_eos)`: `is_stop(ids)` is True when the generated ids
   end with a stop sequence (or with EOS when `stop_on_eos`); `strip(ids)` removes one trailing EOS and
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .errors import PromptError
 
@@ -109,6 +114,22 @@ class Conversation:
         if not self.messages or self.messages[-1][0] != HUMAN:
             raise PromptError("an answer must follow a question")
         self.messages.append((ASSISTANT, text))
+
+
+def new_conversation(prompt_config: Any) -> Conversation:
+    """A conversation in the template (and with the system text) of a model's `PromptConfig`."""
+    return Conversation(get_template(prompt_config.template, prompt_config.system))
+
+
+def image_prompt(prompt_config: Any, question: str, answer: str | None = None) -> str:
+    """One image and one question; the assistant turn open, or holding `answer` (a training target)."""
+    conv = new_conversation(prompt_config)
+    conv.add_image()
+    conv.ask(question)
+    if answer is None:
+        return conv.prompt()
+    conv.add_answer(answer)
+    return conv.template.render(conv.messages)
 
 
 def postprocess(text: str) -> str:

@@ -12,6 +12,13 @@ Contract (spec section 6, the original `get_context_emb`):
   keeps its last ids; an image cut in the middle keeps only its last rows (`first_row` > 0), as the
   tensor slice did; an image cut entirely disappears from `parts` (its position becomes None) but
   `num_images` is unchanged, so the caller still passes every image's embeddings.
+- `plan_segments(plan, image_embeds)` is the one walk over a plan that every consumer uses: the parts in
+  order, a text part as its list of token ids and an image part as the slice of its embedding rows
+  (`image_embeds[i][first_row : first_row + length]`, same array type as given), after the same checks as
+  `stitch`. llama.cpp feeds the segments as token / embedding batches, the torch paths embed and join them.
+- `plan_prompt(prompt, tokenizer, config, max_new_tokens)` is the one way a prompt becomes a plan for
+  generation: `build_plan`, then `truncate_left` to `config.prompt.max_context - max_new_tokens`
+  (`PromptError` when nothing is left for the prompt).
 - `stitch(plan, embed_tokens, image_embeds, concat=None)` materialises the (T, hidden) sequence:
   `embed_tokens(ids) -> (len(ids), hidden)`, `image_embeds[i]` is (num_image_tokens, hidden). It raises
   `PromptError` when the count of image embeddings differs from `plan.num_images`, or an image has the
@@ -24,10 +31,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import PromptError
 from .prompts import IMAGE_PLACEHOLDER
+
+if TYPE_CHECKING:
+    from .config import MiniGPT4Config
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -35,6 +45,8 @@ __all__ = [
     "StitchPlan",
     "TextPart",
     "build_plan",
+    "plan_prompt",
+    "plan_segments",
     "stitch",
     "truncate_left",
 ]
@@ -156,6 +168,28 @@ def _check_images(plan: StitchPlan, image_embeds: Sequence[Any]) -> None:
         raise PromptError(f"image embeddings disagree on the hidden size: {sorted(hidden)}")
 
 
+def plan_segments(plan: StitchPlan, image_embeds: Sequence[Any]) -> list[list[int] | Any]:
+    """The plan's parts in order: token-id lists for text, embedding-row slices for images."""
+    _check_images(plan, image_embeds)
+    segments: list[list[int] | Any] = []
+    for part in plan.parts:
+        if isinstance(part, TextPart):
+            segments.append(list(part.ids))
+        else:
+            segments.append(image_embeds[part.image][part.first_row : part.first_row + part.length])
+    return segments
+
+
+def plan_prompt(prompt: str, tokenizer: _Encoder, config: MiniGPT4Config, max_new_tokens: int) -> StitchPlan:
+    """A rendered prompt → the plan to generate from, left-truncated so the answer fits the context."""
+    budget = config.prompt.max_context - max_new_tokens
+    if budget <= 0:
+        raise PromptError(
+            f"max_new_tokens ({max_new_tokens}) leaves no room in the context ({config.prompt.max_context})"
+        )
+    return truncate_left(build_plan(prompt, tokenizer, config.num_image_tokens), budget)
+
+
 def stitch(
     plan: StitchPlan,
     embed_tokens: Callable[[list[int]], Any],
@@ -163,14 +197,7 @@ def stitch(
     concat: Callable[[Sequence[Any]], Any] | None = None,
 ) -> Any:
     """Interleave text embeddings and image rows into one (plan.total_length, hidden) array."""
-    _check_images(plan, image_embeds)
-    pieces: list[Any] = []
-    for part in plan.parts:
-        if isinstance(part, TextPart):
-            pieces.append(embed_tokens(list(part.ids)))  # (len(ids), hidden)
-        else:
-            emb = image_embeds[part.image]  # (num_image_tokens, hidden)
-            pieces.append(emb[part.first_row : part.first_row + part.length])
+    pieces = [embed_tokens(s) if isinstance(s, list) else s for s in plan_segments(plan, image_embeds)]
     if not pieces:
         raise PromptError("the prompt is empty: nothing to feed the language model")
     widths = {tuple(p.shape)[-1] for p in pieces}

@@ -197,7 +197,8 @@ def test_stitched_embedding_hook_swaps_rows_of_known_sequences() -> None:
 
 
 def test_plan_keys_identify_image_rows_by_content() -> None:
-    from minigpt4_local.backends.gptq_backend import common_prefix, plan_keys
+    from minigpt4_local.prefix_cache import common_prefix
+    from minigpt4_local.prefix_cache import position_keys as plan_keys
     from minigpt4_local.stitching import ImagePart, StitchPlan, TextPart
 
     plan = StitchPlan(

@@ -34,7 +34,6 @@ Contract:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -46,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import LLMConfig
 from ..errors import DependencyError, ModelDirError, PromptError
-from ..stitching import ImagePart, StitchPlan, TextPart, stitch
+from ..prefix_cache import PositionKey, PrefixCache, position_keys
+from ..stitching import StitchPlan, stitch
 
 if TYPE_CHECKING:
     import torch
@@ -360,40 +360,6 @@ def _load_first(
 
 # ----- decoder --------------------------------------------------------------------------------------
 
-HistoryKey = int | bytes  # a text token id, or the digest of one image-embedding row
-
-
-def _row_digests(rows: Any) -> list[bytes]:
-    """A content key per image-embedding row, so a re-sent image matches what the cache holds."""
-    import numpy as np
-
-    if hasattr(rows, "detach"):
-        rows = rows.detach().float().cpu().numpy()
-    array = np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
-    return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in array]
-
-
-def plan_keys(plan: StitchPlan, image_embeds: Sequence[Any]) -> list[HistoryKey]:
-    """One key per position of the stitched sequence."""
-    keys: list[HistoryKey] = []
-    for part in plan.parts:
-        if isinstance(part, TextPart):
-            keys.extend(part.ids)
-        elif isinstance(part, ImagePart):
-            rows = image_embeds[part.image][part.first_row : part.first_row + part.length]
-            keys.extend(_row_digests(rows))
-    return keys
-
-
-def common_prefix(a: Sequence[HistoryKey], b: Sequence[HistoryKey]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class _CachedGenerate:
     """Stands in for the HF model inside `generate_from_embeds`: adds the KV cache to `generate`
     and keeps the raw output (the generated ids before the stop sequence is stripped)."""
@@ -420,7 +386,7 @@ class GptqDecoder:
         self.model = llm.model
         self.device = llm.device
         self._cache: Any = None
-        self._keys: list[HistoryKey] = []
+        self.prefix = PrefixCache()  # keys of what `_cache` holds
         self.last_reused = 0
         self.last_stitch_s = 0.0
         self.last_first_token_s = 0.0
@@ -431,7 +397,7 @@ class GptqDecoder:
 
     def reset(self) -> None:
         self._cache = None
-        self._keys = []
+        self.prefix.clear()
 
     def embed_tokens(self, ids: Sequence[int]) -> torch.Tensor:
         """(len(ids), hidden) rows of the checkpoint's embedding table."""
@@ -456,7 +422,7 @@ class GptqDecoder:
             images.append(tensor.to(device=self.device, dtype=self.llm.dtype))
         return stitch(plan, self.embed_tokens, images, torch.cat)
 
-    def _reuse(self, keys: list[HistoryKey], beams: int) -> Any:
+    def _reuse(self, keys: list[PositionKey], beams: int) -> Any:
         """The cache to continue from (cut to the shared prefix), or None for beam search."""
         from transformers import DynamicCache
 
@@ -464,7 +430,7 @@ class GptqDecoder:
             self.reset()  # beam search expands and reorders the cache: nothing reusable remains
             self.last_reused = 0
             return None
-        keep = min(common_prefix(self._keys, keys), len(keys) - 1) if self._cache is not None else 0
+        keep = self.prefix.reusable(keys) if self._cache is not None else 0
         if keep <= 0 or self._cache is None:
             self._cache = DynamicCache(config=self.model.config)
             keep = 0
@@ -487,7 +453,7 @@ class GptqDecoder:
 
         start = time.perf_counter()
         embeds = self.stitch(plan, image_embeds).unsqueeze(0)  # (1, T, hidden)
-        keys = plan_keys(plan, image_embeds)
+        keys = position_keys(plan, image_embeds)
         self.last_stitch_s = time.perf_counter() - start
         cache = self._reuse(keys, options.num_beams)
         runner = _CachedGenerate(self.model, cache)
@@ -507,7 +473,7 @@ class GptqDecoder:
         self.last_first_token_s = first[0] if first else time.perf_counter() - start
         if cache is not None and runner.output is not None:
             raw = [int(t) for t in runner.output[0].tolist()]
-            self._keys = (keys + raw)[: cache.get_seq_length()]
+            self.prefix.keys = [*keys, *raw][: cache.get_seq_length()]
         return ids
 
 

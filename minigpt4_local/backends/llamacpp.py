@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,7 +40,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import ConfigError, MiniGPT4Error, PromptError
+from ..prefix_cache import PositionKey, PrefixCache, common_prefix, position_keys, row_digests
 from ..sampling import SamplingOptions
+from ..stitching import plan_segments
 from ._llama_ctx import (
     LlamaBatch,
     LlamaContext,
@@ -53,7 +54,6 @@ from ._llama_ctx import (
 )
 
 Part = Sequence[int] | np.ndarray  # token ids, or (n, n_embd) embedding rows
-HistoryKey = int | bytes  # token id, or a digest of one embedding row
 _RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
 
 # llama_decode return codes worth a specific message.
@@ -83,11 +83,6 @@ class _Argmax:
 
     def __exit__(self, *exc: object) -> None:
         pass
-
-
-def _row_digests(rows: np.ndarray) -> list[bytes]:
-    """A content key per embedding row (so a re-sent image matches what the KV cache holds)."""
-    return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
 
 
 def _is_embedding(part: Part) -> bool:
@@ -134,7 +129,7 @@ class LlamaCppDecoder:
         self._lib = llama_cpp_module()
         # llama.cpp rounds the KV cache up (to 256); the limit we enforce is what was asked for.
         self._n_ctx = min(want_ctx, self._ctx.n_ctx)
-        self._history: list[HistoryKey] = []
+        self.prefix = PrefixCache()  # keys of what the KV cache holds
         self._logits_ready = False
         self._piece_buf = ctypes.create_string_buffer(64)
         self._logits_row = ctypes.c_float * self._model.n_vocab
@@ -172,15 +167,15 @@ class LlamaCppDecoder:
 
     @property
     def n_past(self) -> int:
-        return len(self._history)
+        return len(self.prefix)
 
     @property
     def n_gpu_layers(self) -> int:
         return self._model.n_gpu_layers
 
     @property
-    def history(self) -> list[HistoryKey]:
-        return list(self._history)
+    def history(self) -> list[PositionKey]:
+        return list(self.prefix.keys)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -243,7 +238,7 @@ class LlamaCppDecoder:
         """Forget everything in the context (the next prefill starts at position 0)."""
         self._check_open()
         self._lib.llama_memory_clear(self._ctx.memory, True)
-        self._history.clear()
+        self.prefix.clear()
         self._logits_ready = False
 
     def truncate(self, n_keep: int) -> None:
@@ -254,17 +249,12 @@ class LlamaCppDecoder:
         if n_keep <= 0 or not self._lib.llama_memory_seq_rm(self._ctx.memory, 0, n_keep, -1):
             self.reset()  # (some memory types cannot drop a suffix: start over)
             return
-        del self._history[n_keep:]
+        self.prefix.keep(n_keep)
         self._logits_ready = False
 
-    def common_prefix(self, keys: Sequence[HistoryKey]) -> int:
+    def common_prefix(self, keys: Sequence[PositionKey]) -> int:
         """How many leading `keys` the KV cache already holds."""
-        n = 0
-        for have, want in zip(self._history, keys, strict=False):
-            if have != want:
-                break
-            n += 1
-        return n
+        return common_prefix(self.prefix.keys, keys)
 
     # ----- evaluation -------------------------------------------------------------------------
     def _decode(self, batch: LlamaBatch) -> None:
@@ -340,7 +330,7 @@ class LlamaCppDecoder:
                 setter = batch.set_embeddings if is_embd else batch.set_tokens
                 setter(piece, self.n_past, all_logits=all_logits, last_logits=last)
                 self._decode(batch)
-                self._history.extend(_row_digests(piece) if is_embd else piece.tolist())
+                self.prefix.extend(row_digests(piece) if is_embd else piece.tolist())
                 if all_logits:
                     collected.append(np.stack([self._row_logits(i).copy() for i in range(n)]))
         self._logits_ready = True
@@ -349,7 +339,7 @@ class LlamaCppDecoder:
     def _decode_one(self, token: int) -> None:
         self._tokens.set_one_token(token, self.n_past)
         self._decode(self._tokens)
-        self._history.append(token)
+        self.prefix.extend((token,))
         self._logits_ready = True
 
     def generate(
@@ -427,20 +417,6 @@ class LlamaCppPipelineDecoder:
         self.last_prefill_s = 0.0
         self.last_reused = 0  # positions of the last prompt served from the KV cache
 
-    def _parts(self, plan: Any, image_embeds: Sequence[Any]) -> list[Part]:
-        parts: list[Part] = []
-        for part in plan.parts:
-            if hasattr(part, "ids"):
-                parts.append(list(part.ids))
-            else:
-                rows = np.asarray(image_embeds[part.image], dtype=np.float32)
-                if rows.ndim != 2 or rows.shape[0] < part.first_row + part.length:
-                    raise PromptError(
-                        f"image {part.image} embedding has shape {rows.shape}, too few rows for the prompt"
-                    )
-                parts.append(rows[part.first_row : part.first_row + part.length])
-        return parts
-
     def generate(
         self,
         plan: Any,
@@ -451,17 +427,11 @@ class LlamaCppPipelineDecoder:
     ) -> list[int]:
         import time
 
-        if len(image_embeds) != plan.num_images:
-            raise PromptError(
-                f"the prompt has {plan.num_images} image(s) but {len(image_embeds)} embedding(s) were given"
-            )
-        parts = self._parts(plan, image_embeds)
-        keys: list[HistoryKey] = []
-        for p in parts:
-            keys.extend(_row_digests(p) if _is_embedding(p) else list(p))
-        # Keep the longest cached prefix, but always re-evaluate at least the last position (its logits).
-        keep = min(self.decoder.common_prefix(keys), len(keys) - 1)
-        self.decoder.truncate(keep)
+        parts: list[Part] = [
+            s if isinstance(s, list) else np.asarray(s, dtype=np.float32)
+            for s in plan_segments(plan, image_embeds)
+        ]
+        self.decoder.truncate(self.decoder.prefix.reusable(position_keys(plan, image_embeds)))
         self.last_reused = self.decoder.n_past
         start = time.perf_counter()
         self.decoder.prefill(_slice_from(parts, self.decoder.n_past))
