@@ -360,6 +360,7 @@ def _load_first(
 
 # ----- decoder --------------------------------------------------------------------------------------
 
+
 class _CachedGenerate:
     """Stands in for the HF model inside `generate_from_embeds`: adds the KV cache to `generate`
     and keeps the raw output (the generated ids before the stop sequence is stripped)."""
