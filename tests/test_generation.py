@@ -11,8 +11,8 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from minigpt4_local.backends.torch_backend import load_torch_pipeline
 from minigpt4_local.image import preprocess
+from minigpt4_local.loader import LoadOptions, load_pipeline
 from minigpt4_local.prompts import StopChecker
 
 QUESTION = "Describe this image in detail."
@@ -25,7 +25,7 @@ def _image(seed: int = 0) -> Image.Image:
 
 @pytest.fixture(scope="module", params=["tiny-vicuna-7b", "tiny-llama2-7b"])
 def pipeline(request: pytest.FixtureRequest, tiny_model_dir) -> object:
-    return load_torch_pipeline(tiny_model_dir(request.param), device="cpu")
+    return load_pipeline(tiny_model_dir(request.param), LoadOptions(device="cpu"))
 
 
 def _reference_greedy(

@@ -213,8 +213,8 @@ def test_plan_keys_identify_image_rows_by_content() -> None:
 
 
 def test_pick_decoder_between_gguf_and_gptq(tmp_path: Path) -> None:
-    from minigpt4_local.backends.gptq_backend import pick_decoder
     from minigpt4_local.bundle import Bundle
+    from minigpt4_local.loader import pick_decoder
 
     bundle = Bundle.create(tmp_path / "b", get_preset("tiny-vicuna-7b"))
     with pytest.raises(ModelDirError, match="has no decoder"):
@@ -358,11 +358,11 @@ def test_pipeline_end_to_end_matches_dequantized_reference(tiny: dict[str, Any])
     """ONNX vision → stitched prompt → GPTQ decoder (streamed) == fp32 LLaMA with dequantized weights."""
     import torch
 
-    from minigpt4_local.backends.gptq_backend import load_gptq_pipeline
     from minigpt4_local.generation import generate_from_embeds
+    from minigpt4_local.loader import LoadOptions, load_pipeline
     from minigpt4_local.stitching import build_plan
 
-    pipe = load_gptq_pipeline(tiny["bundle"], device="cpu")
+    pipe = load_pipeline(tiny["bundle"], LoadOptions(decoder="gptq", device="cpu"))
     assert "gptq 4-bit" in pipe.name and pipe.decoder.llm.kernel in pipe.name
     chat = pipe.session()
     chat.add_image(gradient_rgb(90, 70, seed=11))
@@ -382,10 +382,10 @@ def test_pipeline_end_to_end_matches_dequantized_reference(tiny: dict[str, Any])
 
 @pytest.mark.slow
 def test_kv_cache_reuse_across_turns_matches_fresh_decoding(tiny: dict[str, Any]) -> None:
-    from minigpt4_local.backends.gptq_backend import load_gptq_pipeline
+    from minigpt4_local.loader import LoadOptions, load_pipeline
     from minigpt4_local.stitching import build_plan
 
-    pipe = load_gptq_pipeline(tiny["bundle"], device="cpu", verify=False)
+    pipe = load_pipeline(tiny["bundle"], LoadOptions(decoder="gptq", device="cpu", verify=False))
     decoder = pipe.decoder
     chat = pipe.session()
     chat.add_image(gradient_rgb(64, 64, seed=5))
@@ -410,12 +410,15 @@ def test_kv_cache_reuse_across_turns_matches_fresh_decoding(tiny: dict[str, Any]
 
 @pytest.mark.slow
 def test_torch_vision_pairs_with_gptq_decoder(tiny: dict[str, Any]) -> None:
-    from minigpt4_local.backends.gptq_backend import load_gptq_pipeline, torch_vision_for
+    from minigpt4_local.backends.gptq_backend import torch_vision_for
+    from minigpt4_local.loader import LoadOptions, load_pipeline
 
     image = gradient_rgb(80, 80, seed=2)
     answers = []
     for vision in (None, torch_vision_for(tiny["model_dir"], "cpu")):
-        pipe = load_gptq_pipeline(tiny["bundle"], device="cpu", verify=False, vision_override=vision)
+        pipe = load_pipeline(
+            tiny["bundle"], LoadOptions(decoder="gptq", device="cpu", verify=False, vision_override=vision)
+        )
         answers.append(
             pipe.describe(image, "What is in the picture?", pipe.sampling(greedy=True, max_new_tokens=8))
         )
@@ -541,8 +544,9 @@ def _smollm2_model_dir(hf_dir: Path, out: Path) -> Path:
 
 @pytest.mark.slow
 def test_smollm2_gptq_quality_and_stitched_generation(smollm2_hf_dir: Path, tmp_path: Path) -> None:
-    from minigpt4_local.backends.gptq_backend import load_gptq_pipeline, torch_vision_for
+    from minigpt4_local.backends.gptq_backend import torch_vision_for
     from minigpt4_local.bundle import Bundle
+    from minigpt4_local.loader import LoadOptions, load_pipeline
     from minigpt4_local.quantize.gptq import GptqSettings, quantize_gptq
 
     model_dir = _smollm2_model_dir(smollm2_hf_dir, tmp_path / "model")
@@ -570,8 +574,9 @@ def test_smollm2_gptq_quality_and_stitched_generation(smollm2_hf_dir: Path, tmp_
     assert q.teacher_forced_rate is not None and q.teacher_forced_rate >= 0.5
     assert Bundle.open(result.bundle).part("llm_gptq")["group_size"] == 64
 
-    pipe = load_gptq_pipeline(
-        result.bundle, device="cpu", verify=False, vision_override=torch_vision_for(model_dir)
+    pipe = load_pipeline(
+        result.bundle,
+        LoadOptions(decoder="gptq", device="cpu", verify=False, vision_override=torch_vision_for(model_dir)),
     )
     chat = pipe.session()
     chat.add_image(gradient_rgb(120, 90, seed=7))

@@ -118,3 +118,6 @@ def test_model_dir_with_onnx_vision_matches_torch_vision(bundle, tmp_path: Path,
     _cli("describe", *args, "--vision", "onnx", "--vision-bundle", str(out))
     onnx_vision = json.loads(capsys.readouterr().out)
     assert onnx_vision["token_ids"] == torch_vision["token_ids"]
+    # Without --vision-bundle: the graph `export onnx` recorded in the model directory.
+    _cli("describe", *args, "--vision", "onnx")
+    assert json.loads(capsys.readouterr().out)["token_ids"] == torch_vision["token_ids"]

@@ -238,11 +238,11 @@ def test_polisher_retries_and_timeouts() -> None:
 
 def test_make_align_data_with_tiny_torch_model_and_cli(tmp_path: Path, images: list[Path]) -> None:
     """The real torch pipeline: the Continue turn goes through the conversation's multi-turn prompt."""
-    from minigpt4_local.backends.torch_backend import load_torch_pipeline
+    from minigpt4_local.loader import LoadOptions, load_pipeline
     from minigpt4_local.train.cli import train_group
 
     model_dir = make_tiny_model_dir(tmp_path)
-    pipeline = load_torch_pipeline(model_dir, device="cpu")
+    pipeline = load_pipeline(model_dir, LoadOptions(device="cpu"))
     sessions = []
     original = pipeline.session
     pipeline.session = lambda: sessions.append(original()) or sessions[-1]

@@ -148,9 +148,9 @@ def test_stage1_tiny_run_learns_and_freezes_everything_else(work: Path, model_di
     exported = load_model_dir(out / "model")
     for name, param in exported.state_dict().items():
         assert torch.equal(param, trainer.model.state_dict()[name]), name
-    from minigpt4_local.backends.torch_backend import load_torch_pipeline
+    from minigpt4_local.loader import LoadOptions, load_pipeline
 
-    pipeline = load_torch_pipeline(out / "model", device="cpu")  # what `minigpt4 describe` loads
+    pipeline = load_pipeline(out / "model", LoadOptions(device="cpu"))  # what `minigpt4 describe` loads
     answer = pipeline.describe(
         toy_image("red", 1), "What is it?", pipeline.sampling(greedy=True, max_new_tokens=3)
     )

@@ -215,15 +215,21 @@ def make_align_data_command(
     **opts: Any,
 ) -> None:
     """Describe IMAGES with the paper's detailed prompt, polish and filter: a cc_sbu_align folder + review."""
-    from minigpt4_local.cli import load_pipeline
     from minigpt4_local.image import expand_image_inputs
+    from minigpt4_local.loader import LoadOptions, load_pipeline, resolve_model
 
     from .align_data import make_align_data
 
     paths = expand_image_inputs(images)
     polisher = _polisher(opts)
     pipeline = load_pipeline(
-        {k: opts.get(k) for k in ("model", "device", "dtype", "n_gpu_layers", "threads")}
+        resolve_model(opts.get("model"), announce=lambda line: click.echo(line, err=True)),
+        LoadOptions(
+            device=opts.get("device"),
+            dtype=opts.get("dtype"),
+            n_gpu_layers=opts.get("n_gpu_layers"),
+            threads=opts.get("threads"),
+        ),
     )
     try:
         options = pipeline.sampling(greedy=greedy, max_new_tokens=max_new_tokens, seed=seed)

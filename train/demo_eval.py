@@ -145,19 +145,15 @@ def load_demo_backend(
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     bundle = Bundle.open(bundle_path, verify=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    from minigpt4_local.loader import LoadOptions, load_pipeline
+
     if backend == "onnx+gguf":
-        from minigpt4_local.backends.runtime import load_bundle_pipeline
-
-        return load_bundle_pipeline(bundle_path, verify=False, decoder="gguf")
+        return load_pipeline(bundle_path, LoadOptions(verify=False, decoder="gguf"))
     if backend == "torch":
-        from minigpt4_local.backends.torch_backend import load_torch_pipeline
-
         model_dir = full_precision_model_dir(bundle, cache_dir, say)
-        return load_torch_pipeline(model_dir, device=device, dtype="fp32")
-    from minigpt4_local.backends.runtime import load_bundle_pipeline
-
-    return load_bundle_pipeline(
-        gptq_bundle(bundle, cache_dir, say), verify=False, decoder="gptq", device=device
+        return load_pipeline(model_dir, LoadOptions(device=device, dtype="fp32"))
+    return load_pipeline(
+        gptq_bundle(bundle, cache_dir, say), LoadOptions(verify=False, decoder="gptq", device=device)
     )
 
 

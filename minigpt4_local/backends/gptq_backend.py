@@ -23,12 +23,9 @@ Contract:
   position is always recomputed, for its logits) and prefills only the rest. Beam search runs
   without the cache (beams rewrite it). `last_reused`, `last_first_token_s` and `last_stitch_s`
   describe the last call; `reset()` forgets the cache.
-- `load_gptq_pipeline(bundle, device=None, kernel="auto", dtype=None, providers=None, verify=True,
-  vision_override=None) -> Pipeline` opens a bundle's `llm_gptq` part with its ONNX vision part (or
-  `vision_override`, e.g. `torch_vision_for(model_dir)`, the full-precision torch vision encoder) and
-  its tokenizer. `pick_decoder(bundle, requested=None)` chooses between a bundle's decoders
-  ("gguf" = part `llm`, "gptq" = part `llm_gptq`): the requested one, or the first present (GGUF,
-  torch-free) by default; a missing one is a one-line `ModelDirError` naming the command that makes it.
+- `build_gptq_decoder(source, options)` is the `gptq` entry of `loader.DECODERS`: a bundle's `llm_gptq`
+  part (its tokenizer: the bundle's, else the checkpoint's). `torch_vision_for(model_dir)` is the
+  full-precision torch vision encoder of a model directory, to pass as `LoadOptions.vision_override`.
 """
 
 from __future__ import annotations
@@ -51,7 +48,7 @@ from ..stitching import StitchPlan, stitch
 if TYPE_CHECKING:
     import torch
 
-    from ..pipeline import Pipeline, VisionEncoder
+    from ..pipeline import VisionEncoder
     from ..prompts import StopChecker
     from ..sampling import SamplingOptions
 
@@ -62,10 +59,9 @@ __all__ = [
     "GptqDecoder",
     "GptqInfo",
     "GptqLLM",
+    "build_gptq_decoder",
     "kernel_label",
     "load_gptq_llm",
-    "load_gptq_pipeline",
-    "pick_decoder",
     "read_gptq_dir",
     "require_gptq_runtime",
     "torch_vision_for",
@@ -490,69 +486,24 @@ def _host_array(x: Any) -> Any:
 # ----- pipeline -------------------------------------------------------------------------------------
 
 
-def load_gptq_pipeline(
-    bundle_path: str | os.PathLike,
-    device: str | None = None,
-    kernel: str = "auto",
-    dtype: str | None = None,
-    providers: Sequence[str] | None = None,
-    verify: bool = True,
-    vision_override: VisionEncoder | None = None,
-) -> Pipeline:
-    """Bundle → Pipeline with the GPTQ decoder (see the module docstring)."""
-    from ..bundle import Bundle
-    from ..pipeline import Pipeline
-    from ..tokenizer import check_vocab, derive_stop_sequences, load_tokenizer
+def build_gptq_decoder(source: Any, options: Any) -> Any:
+    """`loader.DECODERS["gptq"]`: a bundle's `llm-gptq/` through GPTQModel (see `loader.load_pipeline`)."""
+    from ..loader import DecoderBuild
+    from ..tokenizer import load_tokenizer
 
-    bundle = Bundle.open(bundle_path, verify=verify)
-    config = bundle.config
-    if not bundle.has_part(GPTQ_PART):
-        bundle.part(GPTQ_PART)  # raises the standard "bundle has no … part" line
-    gptq_dir = bundle.part_path(GPTQ_PART)
-    info = read_gptq_dir(gptq_dir, config.llm)  # cheap checks before torch/GPTQModel load
-    tok_dir = bundle.part_path("tokenizer") if bundle.has_part("tokenizer") else gptq_dir
-    tokenizer = load_tokenizer(tok_dir)
-    check_vocab(tokenizer, config.llm.vocab_size)
-    vision = vision_override
-    if vision is None:
-        if not bundle.has_part("vision"):
-            raise ModelDirError(
-                f"bundle {bundle.root} has no vision part: add it with `minigpt4 export onnx MODEL_DIR --out "
-                f"{bundle.root}`, or use the torch vision encoder of the model directory"
-            )
-        from .onnx_vision import OnnxVisionEncoder
-
-        vision = OnnxVisionEncoder(bundle, providers=providers, verify=False)
-    llm = load_gptq_llm(gptq_dir, device=device, kernel=kernel, dtype=dtype, llm=config.llm)
-    stops = config.prompt.stop_sequences or derive_stop_sequences(tokenizer)
-    label = (
-        f"{config.name} (gptq {info.bits}-bit g{info.group_size}, {llm.kernel} kernel on {llm.device.type})"
+    gptq_dir = source.bundle.part_path(GPTQ_PART)
+    info = read_gptq_dir(gptq_dir, source.config.llm)  # cheap checks before torch/GPTQModel load
+    own_tokenizer = None if source.bundle.has_part("tokenizer") else load_tokenizer(gptq_dir)
+    llm = load_gptq_llm(
+        gptq_dir,
+        device=options.device,
+        kernel=options.gptq_kernel,
+        dtype=options.dtype,
+        llm=source.config.llm,
     )
-    return Pipeline(config, tokenizer, vision, GptqDecoder(llm), stops, name=label)
-
-
-# Bundle part that holds each decoder; the first one present is the default (GGUF: torch-free).
-DECODER_PARTS: dict[str, str] = {"gguf": "llm", "gptq": GPTQ_PART}
-_DECODER_HINTS = {"gguf": "minigpt4 quantize gguf", "gptq": "minigpt4 quantize gptq"}
-
-
-def pick_decoder(bundle: Any, requested: str | None = None) -> str:
-    """'gguf' or 'gptq' for an opened `Bundle`: the requested one if present, else the default."""
-    have = [name for name, part in DECODER_PARTS.items() if bundle.has_part(part)]
-    if requested is None:
-        if not have:
-            raise ModelDirError(
-                f"bundle {bundle.root} has no decoder; add one with `minigpt4 quantize gguf` or `minigpt4 quantize gptq`"
-            )
-        return have[0]
-    if requested not in DECODER_PARTS:
-        raise ModelDirError(f"unknown decoder {requested!r}; choose one of: {', '.join(DECODER_PARTS)}")
-    if requested not in have:
-        raise ModelDirError(
-            f"bundle {bundle.root} has no {requested} decoder (it has: {', '.join(have) or 'none'}); "
-            f"make one with `{_DECODER_HINTS[requested]} MODEL_DIR --out {bundle.root}`"
-        )
-    return requested
+    label = f"gptq {info.bits}-bit g{info.group_size}, {llm.kernel} kernel on {llm.device.type}"
+    decoder = GptqDecoder(llm)
+    return DecoderBuild(decoder, decoder.hidden_size, source.config.llm.vocab_size, label, own_tokenizer)
 
 
 def torch_vision_for(model_dir: str | os.PathLike, device: str | None = None) -> VisionEncoder:

@@ -477,3 +477,20 @@ class LlamaCppTokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self.decoder.token_bytes(token_id, special=True).decode("utf-8", errors="replace")
+
+
+def build_gguf_decoder(source: Any, options: Any) -> Any:
+    """`loader.DECODERS["gguf"]`: a bundle's `llm.gguf` in llama.cpp (see `loader.load_pipeline`)."""
+    from ..loader import DecoderBuild
+
+    bundle = source.bundle
+    llm = LlamaCppDecoder(
+        bundle.part_path("llm"),
+        n_ctx=options.n_ctx or source.config.prompt.max_context,
+        n_gpu_layers=-1 if options.n_gpu_layers is None else options.n_gpu_layers,
+        n_threads=options.threads,
+    )
+    label = f"onnx + llama.cpp {bundle.part('llm').get('type', '')}".strip()
+    return DecoderBuild(
+        LlamaCppPipelineDecoder(llm), llm.n_embd, llm.n_vocab, label, tokenizer=LlamaCppTokenizer(llm)
+    )

@@ -1,32 +1,29 @@
 """PyTorch backend: full-precision vision encoder and decoder from a model directory.
 
-Contract: `load_torch_pipeline(model_dir, device=None, dtype=None)` returns a `Pipeline` whose vision
-side is `MiniGPT4.encode_image` and whose decoder stitches text-token embeddings and image embeddings
-(`stitching.stitch`) and runs `generation.generate_from_embeds`. Defaults: CPU → fp32; CUDA → fp16
-with the original's precision layout. `vision_override` plugs in another vision encoder (ONNX Runtime)
-while keeping the torch decoder.
+Contract: `build_torch_decoder(source, options)` is the `torch` entry of `loader.DECODERS`: the model
+directory's `MiniGPT4`, whose vision side (`TorchVision`: `MiniGPT4.encode_image`) and decoder
+(`TorchDecoder`: text-token and image embeddings joined by `stitching.stitch`, then
+`generation.generate_from_embeds`) it provides. Device and precision: `pick_device` / `pick_dtype` (CPU →
+fp32; CUDA → fp16 with the original's precision layout); `loader.LoadOptions` can swap in the ONNX vision
+encoder while keeping the torch decoder.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..checkpoints.model_dir import load_model_dir
-from ..config import MiniGPT4Config, load_config
 from ..generation import generate_from_embeds
 from ..image import preprocess
 from ..model import MiniGPT4
-from ..pipeline import Pipeline, VisionEncoder
 from ..prompts import StopChecker
 from ..sampling import SamplingOptions
 from ..stitching import StitchPlan, stitch
-from ..tokenizer import check_vocab, derive_stop_sequences, load_tokenizer
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -98,29 +95,15 @@ def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return x.to(device=device, dtype=dtype)
 
 
-def stop_sequences_for(config: MiniGPT4Config, tokenizer: Any) -> list[list[int]]:
-    return config.prompt.stop_sequences or derive_stop_sequences(tokenizer)
+def build_torch_decoder(source: Any, options: Any) -> Any:
+    """`loader.DECODERS["torch"]`: a model directory's full-precision model (see `loader.load_pipeline`)."""
+    from ..loader import DecoderBuild
 
-
-def load_torch_pipeline(
-    model_dir: str | Path,
-    device: str | None = None,
-    dtype: str | None = None,
-    vision_override: VisionEncoder | None = None,
-) -> Pipeline:
-    model_dir = Path(model_dir)
-    config = load_config(model_dir / "config.json")
-    tokenizer = load_tokenizer(model_dir / "llm")
-    check_vocab(tokenizer, config.llm.vocab_size)
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
-    model = load_model_dir(model_dir, device=str(dev), dtype=torch_dtype, with_llm=True)
-    vision = vision_override or TorchVision(model, dev)
-    return Pipeline(
-        config,
-        tokenizer,
-        vision,
-        TorchDecoder(model, dev),
-        stop_sequences_for(config, tokenizer),
-        name=f"{config.name} (torch {dev.type}, {str(torch_dtype).removeprefix('torch.')})",
+    dev = pick_device(options.device)
+    torch_dtype = pick_dtype(options.dtype, dev)
+    model = load_model_dir(source.path, device=str(dev), dtype=torch_dtype, with_llm=True)
+    label = f"torch {dev.type}, {str(torch_dtype).removeprefix('torch.')}"
+    hidden = int(model.llm.get_input_embeddings().weight.shape[1])
+    return DecoderBuild(
+        TorchDecoder(model, dev), hidden, source.config.llm.vocab_size, label, vision=TorchVision(model, dev)
     )
