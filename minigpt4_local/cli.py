@@ -5,7 +5,7 @@ non-zero exit status — never a traceback (set MINIGPT4_DEBUG=1 to see one). Im
 cheap and never imports torch: the PyTorch backend loads only for a model directory, the torch-free
 runtime (ONNX Runtime vision + llama.cpp decoder) for a bundle.
 
-Commands: describe, chat, convert, info, export …, quantize ….
+Commands: describe, chat, convert, info, serve, export …, quantize ….
 """
 
 from __future__ import annotations
@@ -438,6 +438,7 @@ def _register_tool_groups() -> None:
     # heavy libraries lazily, so registering them keeps `minigpt4 --help` fast.
     from .export.cli import export_group
     from .quantize.cli import quantize_group
+    from .server.cli import build_serve_command
     from .train.cli import train_group
     from .train.demo_cli import demo_export_command, demo_prepare_command, eval_demo_command
 
@@ -447,6 +448,7 @@ def _register_tool_groups() -> None:
     cli.add_command(export_group, "export")
     cli.add_command(quantize_group, "quantize")
     cli.add_command(train_group, "train")
+    cli.add_command(build_serve_command(_model_options, load_options), "serve")
 
 
 _register_tool_groups()

@@ -7,6 +7,9 @@ Contract:
   `minigpt4_local.errors.ImageError` with one line naming the path and the problem; it never hangs
   (the path is `stat`-ed and opened non-blocking before anything reads it) and never decodes a
   half image (Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at its default, False).
+- `decode_image_bytes(data, label=...)` is the same decoder for bytes already in memory (an HTTP upload):
+  the same size, pixel-count (decompression bomb) and truncation checks, the same RGB result;
+  `formats` limits which Pillow decoders may open it; errors name `label` instead of a path.
 - `preprocess(images, image_size)` does what the original does (spec section 8): `.convert("RGB")`,
   PIL bicubic resize (antialiased) to (S, S), /255, `(x - mean) / std`, all in float32 like
   torchvision's `ToTensor` + `Normalize`. It returns a C-contiguous float32 array (B, 3, S, S).
@@ -21,6 +24,7 @@ import os
 import stat
 import warnings
 from collections.abc import Callable, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +36,7 @@ from .errors import ImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "decode_image_bytes",
     "expand_image_inputs",
     "is_image_path",
     "load_and_preprocess",
@@ -171,13 +176,15 @@ def _open_checked(path: str | os.PathLike, max_file_bytes: int) -> int:
     return fd
 
 
-def _decode(fh: BinaryIO, path: str | os.PathLike, max_pixels: int) -> Image.Image:
+def _decode(
+    fh: BinaryIO, path: str | os.PathLike, max_pixels: int, formats: Sequence[str] | None = None
+) -> Image.Image:
     """Open, check the declared size, decode frame 0, apply EXIF orientation, convert to RGB."""
     with warnings.catch_warnings():
         # Our own max_pixels check below replaces Pillow's bomb warning; its hard error (twice
         # Image.MAX_IMAGE_PIXELS) still fires and is reported as a bomb.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(fh)
+        im = Image.open(fh, formats=formats)
     with im:
         width, height = im.size
         if width * height > max_pixels:
@@ -220,12 +227,38 @@ def load_image(
     """
     fd = _open_checked(path, max_file_bytes)
     with os.fdopen(fd, "rb") as fh:
-        try:
-            return _decode(fh, path, max_pixels)
-        except ImageError:
-            raise
-        except Exception as err:  # untrusted input: any decoder failure is the file's fault
-            raise _fail(path, _decode_problem(err)) from None
+        return _decode_checked(fh, path, max_pixels)
+
+
+def _decode_checked(
+    fh: BinaryIO, label: str | os.PathLike, max_pixels: int, formats: Sequence[str] | None = None
+) -> Image.Image:
+    try:
+        return _decode(fh, label, max_pixels, formats)
+    except ImageError:
+        raise
+    except Exception as err:  # untrusted input: any decoder failure is the file's fault
+        raise _fail(label, _decode_problem(err)) from None
+
+
+def decode_image_bytes(
+    data: bytes,
+    *,
+    label: str = "<bytes>",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """`load_image` for bytes in memory: the same checks and result; `label` names the input in errors.
+
+    `formats` (Pillow format names such as "PNG", "JPEG") restricts the decoders tried; bytes of any
+    other format are refused as not an image. Raises `ImageError`.
+    """
+    if not data:
+        raise _fail(label, "the data is empty")
+    if len(data) > max_bytes:
+        raise _fail(label, f"the data is {len(data)} bytes, more than the limit of {max_bytes} bytes")
+    return _decode_checked(BytesIO(data), label, max_pixels, formats)
 
 
 # ---------------------------------------------------------------------------------------------
