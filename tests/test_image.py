@@ -476,3 +476,37 @@ def test_import_does_not_pull_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes in memory (HTTP uploads): the same decoder and checks as files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_decode_image_bytes_equals_load_image(tmp_path: Path) -> None:
+    path = write_exif_rotated_jpeg(tmp_path / "rot.jpg", 40, 20)
+    from_file = load_image(path)
+    from_bytes = image_mod.decode_image_bytes(path.read_bytes(), label="upload")
+    assert from_bytes.mode == "RGB" and from_bytes.size == from_file.size == (20, 40)
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(from_file))
+
+
+def test_decode_image_bytes_refuses_bad_input(tmp_path: Path) -> None:
+    bomb = write_png_bomb(tmp_path / "bomb.png", 9000, 9000).read_bytes()
+    cut = write_truncated(tmp_path / "cut.png", "PNG", 0.6).read_bytes()
+    png = write_image(tmp_path / "a.png", gradient_rgb(40, 30)).read_bytes()
+    bmp = write_image(tmp_path / "a.bmp", gradient_rgb(8, 8)).read_bytes()
+    cases = [
+        (b"", {}, "empty"),
+        (b"hello, not an image", {}, "not an image"),
+        (bomb, {}, "9000x9000"),
+        (cut, {}, "truncated"),
+        (png, {"max_pixels": 1000}, "40x30"),
+        (png, {"max_bytes": 100}, "bytes"),
+        (bmp, {"formats": ("PNG", "JPEG")}, "not an image"),
+    ]
+    for data, kwargs, words in cases:
+        with pytest.raises(ImageError) as err:
+            image_mod.decode_image_bytes(data, label="messages[0].content[1]", **kwargs)
+        assert_one_line_error(err, "messages[0].content[1]", words)
+    assert image_mod.decode_image_bytes(bmp).size == (8, 8)  # every Pillow format when not restricted
