@@ -19,21 +19,21 @@ from typing import Any
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-from PIL import Image  # noqa: E402
+from fastapi.testclient import TestClient
+from PIL import Image
 
-from minigpt4_local.bundle import Bundle  # noqa: E402
-from minigpt4_local.config import PromptConfig  # noqa: E402
-from minigpt4_local.demo_bundle import demo_bundle_path  # noqa: E402
-from minigpt4_local.prompts import image_prompt  # noqa: E402
-from minigpt4_local.server.app import create_app  # noqa: E402
-from minigpt4_local.server.errors import APIError  # noqa: E402
-from minigpt4_local.server.generation import StopScanner, cut_at_stop  # noqa: E402
-from minigpt4_local.server.images import resolve_image_url  # noqa: E402
-from minigpt4_local.server.schemas import parse_chat_request, parse_completion_request, parse_json_body  # noqa: E402
-from minigpt4_local.server.settings import ServerSettings  # noqa: E402
-from minigpt4_local.tokenizer import load_tokenizer  # noqa: E402
-from tests.support.fake_engine import FakeEngine, answer_for  # noqa: E402
+from minigpt4_local.bundle import Bundle
+from minigpt4_local.config import PromptConfig
+from minigpt4_local.demo_bundle import demo_bundle_path
+from minigpt4_local.prompts import image_prompt
+from minigpt4_local.server.app import create_app
+from minigpt4_local.server.errors import APIError
+from minigpt4_local.server.generation import StopScanner, cut_at_stop
+from minigpt4_local.server.images import resolve_image_url
+from minigpt4_local.server.schemas import parse_chat_request, parse_completion_request, parse_json_body
+from minigpt4_local.server.settings import ServerSettings
+from minigpt4_local.tokenizer import load_tokenizer
+from tests.support.fake_engine import FakeEngine, answer_for
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "one-shape.png"
 PNG_URL = "data:image/png;base64," + base64.b64encode(EXAMPLE.read_bytes()).decode()
@@ -71,7 +71,10 @@ def test_several_images_and_turns_follow_the_conversation() -> None:
         [
             {"role": "user", "content": [image_part(), {"type": "text", "text": "First?"}]},
             {"role": "assistant", "content": "a circle"},
-            {"role": "user", "content": [{"type": "text", "text": "And"}, image_part(), {"type": "text", "text": "this?"}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "And"}, image_part(), {"type": "text", "text": "this?"}],
+            },
         ]
     )
     assert request.prompt == (
@@ -84,7 +87,13 @@ def test_several_images_and_turns_follow_the_conversation() -> None:
 def test_system_message_replaces_the_template_system_text() -> None:
     request = chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert request.prompt == "Be brief.###Human: Hi###Assistant: "
-    parts = chat([{"role": "developer", "content": [{"type": "text", "text": "A"}]}, {"role": "system", "content": "B"}, {"role": "user", "content": "Hi"}])
+    parts = chat(
+        [
+            {"role": "developer", "content": [{"type": "text", "text": "A"}]},
+            {"role": "system", "content": "B"},
+            {"role": "user", "content": "Hi"},
+        ]
+    )
     assert parts.prompt.startswith("A\nB###Human: Hi")
 
 
@@ -95,14 +104,25 @@ def test_system_message_replaces_the_template_system_text() -> None:
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "messages[1]"),
         ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "messages"),
         ([{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}], "messages[0]"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}], "messages[2]"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "assistant", "content": "c"},
+                {"role": "user", "content": "d"},
+            ],
+            "messages[2]",
+        ),
         ([{"role": "user", "content": "  "}], "messages[0].content"),
         ([{"role": "user", "content": "say <ImageHere>"}], "messages[0].content"),
         ([{"role": "tool", "content": "x"}], "messages[0].role"),
         ([{"role": "robot", "content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": 5}], "messages[0].content"),
         ([{"role": "user", "content": [{"type": "input_audio"}]}], "messages[0].content[0].type"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0].image_url"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            "messages[0].content[0].image_url",
+        ),
         (["hello"], "messages[0]"),
     ],
 )
@@ -114,12 +134,22 @@ def test_bad_conversations_name_the_parameter(messages: list[Any], param: str) -
 def test_sampling_parameters() -> None:
     user = [{"role": "user", "content": "hi"}]
     assert chat(user, temperature=0).sampling == {"greedy": True}
-    assert chat(user, temperature=0.7, top_p=0.5, seed=3).sampling == {"temperature": 0.7, "do_sample": True, "top_p": 0.5, "seed": 3}
+    assert chat(user, temperature=0.7, top_p=0.5, seed=3).sampling == {
+        "temperature": 0.7,
+        "do_sample": True,
+        "top_p": 0.5,
+        "seed": 3,
+    }
     assert chat(user, max_tokens=5, max_completion_tokens=7).max_tokens == 7
     assert chat(user, stop="###x").stop == ["###x"]
     assert chat(user, response_format={"type": "json_object"}).json_schema == {"type": "object"}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    assert chat(user, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}).json_schema == schema
+    assert (
+        chat(
+            user, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        ).json_schema
+        == schema
+    )
     assert chat(user, n=1, presence_penalty=0, logprobs=False, user="me").stream is False
     streamed = chat(user, stream=True, stream_options={"include_usage": True})
     assert streamed.stream and streamed.include_usage
@@ -162,12 +192,22 @@ def test_too_many_images_are_refused_before_decoding() -> None:
 
 def test_completion_request_uses_the_prompt_as_is() -> None:
     request = parse_completion_request({"prompt": ["Once upon"], "max_tokens": 3}, ServerSettings())
-    assert (request.prompt, request.images, request.max_tokens, request.kind) == ("Once upon", [], 3, "completion")
+    assert (request.prompt, request.images, request.max_tokens, request.kind) == (
+        "Once upon",
+        [],
+        3,
+        "completion",
+    )
     assert api_error(parse_completion_request, {"prompt": ["a", "b"]}, ServerSettings()).param == "prompt"
-    assert api_error(parse_completion_request, {"prompt": "x", "echo": True}, ServerSettings()).code == "unsupported_parameter"
+    assert (
+        api_error(parse_completion_request, {"prompt": "x", "echo": True}, ServerSettings()).code
+        == "unsupported_parameter"
+    )
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"[1]", b"\xff\xfe", b'{"a": NaN}', b"[" * 100_000 + b"]" * 100_000])
+@pytest.mark.parametrize(
+    "raw", [b"", b"{", b"[1]", b"\xff\xfe", b'{"a": NaN}', b"[" * 100_000 + b"]" * 100_000]
+)
 def test_bad_json_bodies(raw: bytes) -> None:
     assert api_error(parse_json_body, raw).code == "invalid_json"
 
@@ -234,7 +274,12 @@ def test_local_files_stay_inside_the_allowed_directory(tmp_path: Path) -> None:
     (allowed / "inner.png").symlink_to(allowed / "sub" / "a.png")
     os.mkfifo(allowed / "pipe.png")
     settings = ServerSettings(allow_local_files=allowed)
-    for ok in ["sub/a.png", str(allowed / "sub" / "a.png"), "file://" + str(allowed / "sub" / "a.png"), "inner.png"]:
+    for ok in [
+        "sub/a.png",
+        str(allowed / "sub" / "a.png"),
+        "file://" + str(allowed / "sub" / "a.png"),
+        "inner.png",
+    ]:
         assert resolve_image_url(ok, "img", settings).size == Image.open(EXAMPLE).size
     refused = {
         "../secret.png": "'..'",
@@ -297,14 +342,21 @@ def test_loading_then_ready_then_generation(demo_parts: tuple[Any, Any]) -> None
         wait_ready(client)
         model_id = client.get("/v1/models").json()["data"][0]["id"]
         assert model_id == config.name
-        body = {"model": model_id, "messages": [{"role": "user", "content": [image_part(), {"type": "text", "text": "Hi?"}]}]}
+        body = {
+            "model": model_id,
+            "messages": [{"role": "user", "content": [image_part(), {"type": "text", "text": "Hi?"}]}],
+        }
         answer = client.post("/v1/chat/completions", json=body).json()
         expected = answer_for(engine.submitted[-1]["prompt"], 1)
         assert answer["choices"][0]["message"] == {"role": "assistant", "content": expected, "refusal": None}
         assert answer["choices"][0]["finish_reason"] == "stop"
         assert answer["usage"]["completion_tokens"] == len(expected.split(" "))
         assert engine.submitted[-1]["options"].max_new_tokens == config.generation.max_new_tokens
-        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        ) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
             events = sse_events(response)
         assert events[-1] == "[DONE]"
@@ -314,14 +366,20 @@ def test_loading_then_ready_then_generation(demo_parts: tuple[Any, Any]) -> None
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
         assert text == expected
         assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(expected.split(" "))
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(
+            expected.split(" ")
+        )
         # Stop strings cut the answer (and cancel the job); max_tokens gives finish_reason "length".
         stopped = client.post("/v1/chat/completions", json={**body, "stop": ["you asked"]}).json()
         assert stopped["choices"][0]["message"]["content"] == "I see 1 image(s) and "
         short = client.post("/v1/chat/completions", json={**body, "max_tokens": 2}).json()
         assert short["choices"][0]["finish_reason"] == "length"
-        completion = client.post("/v1/completions", json={"prompt": "Human: tell me", "max_tokens": 50}).json()
-        assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == answer_for("Human: tell me", 0)
+        completion = client.post(
+            "/v1/completions", json={"prompt": "Human: tell me", "max_tokens": 50}
+        ).json()
+        assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == answer_for(
+            "Human: tell me", 0
+        )
 
 
 def test_errors_are_openai_objects(demo_parts: tuple[Any, Any]) -> None:
@@ -336,10 +394,24 @@ def test_errors_are_openai_objects(demo_parts: tuple[Any, Any]) -> None:
             (client.get("/v1/models", headers={"Authorization": "Bearer s3cre"}), 401),
             (client.get("/v1/models", headers={"Authorization": "Basic s3cret"}), 401),
             (client.post("/v1/chat/completions", content=b"x" * 5000, headers=auth), 413),
-            (client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, headers=auth), 404),
+            (
+                client.post(
+                    "/v1/chat/completions",
+                    json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+                    headers=auth,
+                ),
+                404,
+            ),
             (client.get("/v1/nothing", headers=auth), 404),
             (client.get("/v1/chat/completions", headers=auth), 405),
-            (client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 600}]}, headers=auth), 400),
+            (
+                client.post(
+                    "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "x " * 600}]},
+                    headers=auth,
+                ),
+                400,
+            ),
         ]
         for response, status in cases:
             assert response.status_code == status, response.text
@@ -368,7 +440,9 @@ def test_errors_are_openai_objects(demo_parts: tuple[Any, Any]) -> None:
 
         # A failure inside the engine reaches a streaming client as an error chunk before [DONE].
         engine.fail_next = True
-        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=auth) as response:
+        with client.stream(
+            "POST", "/v1/chat/completions", json={**body, "stream": True}, headers=auth
+        ) as response:
             events = sse_events(response)
         assert events[-1] == "[DONE]" and "error" in events[-2]
 
@@ -390,5 +464,8 @@ def test_chat_page_is_served(demo_parts: tuple[Any, Any]) -> None:
     static = Path(__file__).resolve().parents[1] / "minigpt4_local" / "server" / "static"
     for path in static.iterdir():
         text = path.read_text(encoding="utf-8")
-        remote = re.findall(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import|fetch\(\s*["'`]https?:""", text)
+        remote = re.findall(
+            r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import|fetch\(\s*["'`]https?:""",
+            text,
+        )
         assert not remote, (path.name, remote)
