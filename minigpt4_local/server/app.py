@@ -107,7 +107,7 @@ async def _read_body(request: Request, settings: ServerSettings) -> bytes:
 
     try:
         await asyncio.wait_for(collect(), settings.body_timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
         raise APIError(
             408,
             f"the request body did not arrive within {settings.body_timeout_s:g} s",

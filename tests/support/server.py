@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,7 @@ class ServerProcess:
         self.port = port
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{port}"
+        self.files_dir: Path | None = None
 
     @classmethod
     def start(
@@ -114,14 +116,44 @@ def demo_server_args(*extra: str) -> list[str]:
     return ["--model", "demo", "--threads", THREADS, "--parallel", "4", *extra]
 
 
+API_KEY = "test-key-0123"
 _shared: dict[str, Any] = {}
 
 
+def _local_files_dir() -> Path:
+    """A directory for --allow-local-files: the example images, plus hostile entries (a symlink that
+    escapes, a FIFO) and, beside it, a secret file the server must never read."""
+    root = Path(tempfile.mkdtemp(prefix="minigpt4-files-"))
+    allowed = root / "allowed"
+    allowed.mkdir()
+    for image in sorted((REPO / "examples").glob("*.png")):
+        shutil.copy(image, allowed / image.name)
+    shutil.copy(REPO / "examples" / "one-shape.png", root / "secret.png")
+    (allowed / "escape.png").symlink_to(root / "secret.png")
+    os.mkfifo(allowed / "pipe.png")
+    atexit.register(shutil.rmtree, root, True)
+    return allowed
+
+
 def shared_demo_server() -> ServerProcess:
-    """One demo server per test process, with local files allowed under examples/."""
+    """One demo server per test process: key `API_KEY`, local files under `.files_dir`, 8 MiB bodies,
+    2 s body timeout (slow-loris tests stay short)."""
     server = _shared.get("demo")
     if server is None or server.process.poll() is not None:
-        server = ServerProcess.start(demo_server_args("--allow-local-files", str(REPO / "examples")))
+        files = _local_files_dir()
+        server = ServerProcess.start(
+            demo_server_args(
+                "--api-key",
+                API_KEY,
+                "--allow-local-files",
+                str(files),
+                "--max-body-mb",
+                "8",
+                "--body-timeout",
+                "2",
+            )
+        )
+        server.files_dir = files
         atexit.register(server.stop)
         _shared["demo"] = server
         server.wait_ready()
