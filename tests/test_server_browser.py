@@ -2,9 +2,9 @@
 `playwright install` is never run, its browser download cannot work offline).
 
 Loads /, uploads examples/one-shape.png, asks the describe question, waits for the streamed answer and
-checks it is the demo's answer (`minigpt4 describe --greedy`'s), continues with a second image, saves a
-screenshot (pytest's tmp dir; also docs/images/chat-page.png when MINIGPT4_UPDATE_SCREENSHOT=1), checks
-the phone layout, then presses reset. Skipped, with the reason, only when chromium or playwright is missing.
+checks it is the demo's answer (`minigpt4 describe --greedy`'s), continues with a second image, presses
+reset, starts again with examples/three-shapes.png and saves a screenshot (pytest's tmp dir; also
+docs/images/chat-page.png when MINIGPT4_UPDATE_SCREENSHOT=1); then checks the phone layout. Skipped, with the reason, only when chromium or playwright is missing.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ from tests.support.server import API_KEY, REPO, ServerProcess, shared_demo_serve
 ONE_SHAPE = REPO / "examples" / "one-shape.png"
 THREE_SHAPES = REPO / "examples" / "three-shapes.png"
 QUESTION = "Describe this image in detail."
+# `minigpt4 describe --greedy` on these examples (examples/README.md: the demo gets them word for word).
+ANSWERS = {
+    "one-shape.png": "one shape: a large yellow circle at the top center",
+    "three-shapes.png": "three shapes: a small red star at the top center, a small purple cross at the top right "
+    "and a large yellow cross at the middle right",
+}
 TIMEOUT_MS = 60_000
 
 
@@ -77,17 +83,20 @@ def ask(page: Any, image: Path, question: str, turn: int) -> str:
 
 
 def test_chat_page_end_to_end(browser: Any, server: ServerProcess, tmp_path: Path) -> None:
-    expected = (
-        "one shape: a large yellow circle at the top center"  # README: the demo's answer for one-shape.png
-    )
     page = new_page(browser, server, 1280, 800)
     assert page.locator("#temperature-value").inner_text() == "greedy"  # the demo decodes greedily by default
-    assert ask(page, ONE_SHAPE, QUESTION, 0) == expected
+    assert ask(page, ONE_SHAPE, QUESTION, 0) == ANSWERS[ONE_SHAPE.name]
     meta = page.locator(".msg.assistant .meta").first.inner_text()
     assert "tok/s" in meta and "tok/s" in page.locator("#speed").inner_text()
-    second = ask(page, THREE_SHAPES, QUESTION, 1)
-    assert second and "error" not in second.lower()
-    assert page.locator(".gallery img").count() == 2
+    # Continue the conversation with another image (the demo was trained on single turns, so its second
+    # answer is not checked word for word; it must arrive, without an error).
+    ask(page, THREE_SHAPES, QUESTION, 1)
+    assert page.locator(".msg.error").count() == 0 and page.locator(".gallery img").count() == 2
+    page.click("#reset")
+    assert page.locator(".msg").count() == 0 and page.locator("#empty").is_visible()
+    assert page.locator(".gallery img").count() == 0
+    # A fresh conversation after the reset: the answer is again describe's.
+    assert ask(page, THREE_SHAPES, QUESTION, 0) == ANSWERS[THREE_SHAPES.name]
     shot = tmp_path / "chat-page.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
@@ -95,16 +104,13 @@ def test_chat_page_end_to_end(browser: Any, server: ServerProcess, tmp_path: Pat
         target = REPO / "docs" / "images" / "chat-page.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target)
-    page.click("#reset")
-    assert page.locator(".msg").count() == 0 and page.locator("#empty").is_visible()
-    assert page.locator(".gallery img").count() == 0
     assert page.errors == []
     page.close()
 
 
 def test_chat_page_on_a_phone(browser: Any, server: ServerProcess, tmp_path: Path) -> None:
     page = new_page(browser, server, 390, 800)
-    assert ask(page, ONE_SHAPE, QUESTION, 0) == "one shape: a large yellow circle at the top center"
+    assert ask(page, ONE_SHAPE, QUESTION, 0) == ANSWERS[ONE_SHAPE.name]
     # Nothing sticks out sideways at phone width.
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=str(tmp_path / "chat-page-phone.png"), full_page=True)

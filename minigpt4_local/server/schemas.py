@@ -363,9 +363,8 @@ def parse_chat_request(
                 raise invalid_request(
                     f"{param}: tool calls are not supported", param=param, code="unsupported_parameter"
                 )
+            # An empty answer is kept: the template renders it like the original demo does.
             text = _text_only(content, f"{param}.content") if content is not None else ""
-            if not text.strip():
-                raise invalid_request(f"{param}: the assistant message is empty", param=f"{param}.content")
             turns.append(("assistant", text, param))
         elif role in ("tool", "function"):
             raise invalid_request(
