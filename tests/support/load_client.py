@@ -52,9 +52,9 @@ class LoadRun:
             "requests": len(self.samples),
             "errors": len(self.errors),
             "wall_s": round(self.wall_s, 3),
-            "p50_latency_s": round(percentile(latencies, 50), 3),
-            "p95_latency_s": round(percentile(latencies, 95), 3),
-            "p50_first_token_s": round(percentile(firsts, 50), 3),
+            "p50_latency_s": _rounded(percentile(latencies, 50)),
+            "p95_latency_s": _rounded(percentile(latencies, 95)),
+            "p50_first_token_s": _rounded(percentile(firsts, 50)),
             "requests_per_s": round(len(ok) / self.wall_s, 3) if self.wall_s else 0.0,
             "completion_tokens": tokens,
             "tokens_per_request": round(tokens / len(ok), 1) if ok else 0.0,
@@ -62,9 +62,13 @@ class LoadRun:
         }
 
 
-def percentile(values: list[float], pct: float) -> float:
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def percentile(values: list[float], pct: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
