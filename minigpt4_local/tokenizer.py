@@ -26,13 +26,13 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import DependencyError, TokenizerError
+from .files import read_json_object
 
 SP_MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -159,16 +159,6 @@ def _special_token_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise TokenizerError(f"{path} is not valid JSON ({err})") from err
-    return data if isinstance(data, dict) else {}
-
-
 class HFTokenizersTokenizer:
     """A `tokenizer.json` tokenizer (BPE, e.g. SmolLM2) through the `tokenizers` library."""
 
@@ -185,8 +175,8 @@ class HFTokenizersTokenizer:
             raise TokenizerError(f"{path} is not a readable tokenizer.json ({err})") from err
         self.path = path
         self._n = self._tok.get_vocab_size(with_added_tokens=True)
-        config = _read_json(root / "tokenizer_config.json")
-        special_map = _read_json(root / "special_tokens_map.json")
+        config = read_json_object(root / "tokenizer_config.json", TokenizerError, allow_missing=True)
+        special_map = read_json_object(root / "special_tokens_map.json", TokenizerError, allow_missing=True)
         ids = {
             key: self._token_id(
                 _special_token_text(config.get(key)) or _special_token_text(special_map.get(key))

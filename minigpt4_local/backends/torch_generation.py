@@ -17,8 +17,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .prompts import StopChecker
-from .sampling import SamplingOptions
+from ..prompts import StopChecker
+from ..sampling import SamplingOptions
 
 
 class _StopOnSequences(StoppingCriteria):
