@@ -20,6 +20,8 @@ Contract:
   `TokenizerError` (one line) if neither exists, the file is corrupt, or the library is missing.
 - `derive_stop_sequences(tok)` returns the encodings of `###` (spec section 7): at the start of a segment
   (dummy prefix; LLaMA: [835]) and after text (LLaMA: [2277, 29937]), deduplicated, in that order.
+- `stop_sequences_for(prompt_config, tok)`: the model's configured stop sequences, else the derived ones
+  (what every decoder and the GPTQ calibration stop on).
 - `check_vocab(tok, llm_vocab_size)` raises `TokenizerError` when the tokenizer does not fit the LLM's
   embedding rows (more pieces than rows, or more than `MAX_EXTRA_ROWS` unused rows).
 """
@@ -281,6 +283,12 @@ def derive_stop_sequences(tok: Tokenizer) -> list[list[int]]:
     if not stops:
         raise TokenizerError("the tokenizer cannot encode '###', the stop marker of the prompt template")
     return stops
+
+
+def stop_sequences_for(prompt_config: Any, tok: Tokenizer) -> list[list[int]]:
+    """`prompt_config.stop_sequences` when set, else `derive_stop_sequences(tok)`."""
+    configured = [list(seq) for seq in prompt_config.stop_sequences]
+    return configured or derive_stop_sequences(tok)
 
 
 def check_vocab(tok: Tokenizer, llm_vocab_size: int) -> None:

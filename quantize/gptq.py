@@ -193,7 +193,7 @@ class _Job:
 
     def __init__(self, model_dir: Path, settings: GptqSettings, progress: Progress | None) -> None:
         from minigpt4_local.checkpoints.model_dir import read_model_config
-        from minigpt4_local.tokenizer import check_vocab, derive_stop_sequences, load_tokenizer
+        from minigpt4_local.tokenizer import check_vocab, load_tokenizer, stop_sequences_for
 
         self.model_dir = model_dir
         self.llm_dir = model_dir / "llm"
@@ -207,7 +207,7 @@ class _Job:
         settings.check(self.config.llm)
         self.tokenizer = load_tokenizer(self.llm_dir)
         check_vocab(self.tokenizer, self.config.llm.vocab_size)
-        self.stops = self.config.prompt.stop_sequences or derive_stop_sequences(self.tokenizer)
+        self.stops = stop_sequences_for(self.config.prompt, self.tokenizer)
         self.torch, self.gptqmodel = require_gptq_runtime()
         self.device = resolve_device(settings.device)
         self.dtype = torch_dtype(settings.dtype or default_precision(self.device))
