@@ -280,9 +280,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"config key {path!r} must be an object")
             kwargs[key] = _build(_NESTED[key], value, prefix=f"{path}.")
             continue
-        default = known[key].default
-        if default is dataclasses.MISSING and known[key].default_factory is not dataclasses.MISSING:
-            default = known[key].default_factory()
+        default: Any = known[key].default
+        factory = known[key].default_factory
+        if default is dataclasses.MISSING and callable(factory):
+            default = factory()
         kwargs[key] = _coerce(path, value, default)
     return cls(**kwargs)
 

@@ -165,6 +165,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 class OnnxVisionEncoder:
+    name = "onnxruntime"
     """pixels → image embeddings with ONNX Runtime, from a bundle's `vision.onnx`."""
 
     def __init__(
