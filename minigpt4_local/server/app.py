@@ -124,19 +124,27 @@ async def _wait_for_disconnect(receive: Callable[[], Any]) -> None:
 
 
 class _EventStream(StreamingResponse):
-    """SSE that ends (and runs the generator's cleanup) as soon as the client disconnects."""
+    """SSE that ends as soon as the client disconnects; `on_close` runs however it ended (even when the
+    client left before the first event, when the generator's own cleanup never runs)."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def stream() -> None:
-                with contextlib.suppress(OSError):
-                    await self.stream_response(send)
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await _wait_for_disconnect(receive)
                 group.cancel_scope.cancel()
-
-            group.start_soon(stream)
-            await _wait_for_disconnect(receive)
-            group.cancel_scope.cancel()
+        finally:
+            self.on_close()
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -275,6 +283,7 @@ def create_app(
         if parsed.stream:
             return _EventStream(
                 _sse_events(generation, ids, parsed.include_usage),
+                on_close=generation.cancel,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
