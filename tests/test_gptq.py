@@ -475,6 +475,84 @@ def test_text_source_holds_out_its_tail(tiny: dict[str, Any], tmp_path: Path) ->
     assert Bundle.open(out).has_part("tokenizer")  # a bundle without one gets the source's tokenizer
 
 
+@pytest.mark.slow
+def test_asymmetric_checkpoint_round_trips(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """sym=False: the runtime computes with the stored zero points (GPTQModel 7.6's TorchFused CPU kernel
+    drops them, assuming the symmetric midpoint: relative layer error 0.39 instead of ~0.006)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.bundle import Bundle
+    from minigpt4_local.quantize.gptq import GptqSettings, quantize_gptq
+
+    text = tmp_path / "calib.txt"
+    text.write_text(
+        " ".join(
+            f"a {c} {s} stands in the {p}."
+            for c in ("red", "blue", "green")
+            for s in ("cube", "ring")
+            for p in ("left", "middle")
+        )
+        * 10
+    )
+    settings = GptqSettings(group_size=GROUP, sym=False, seq_len=64, eval_prompts=1, eval_new_tokens=8)
+    result = quantize_gptq(tiny["model_dir"], tmp_path / "bundle", text, settings)
+    part = Bundle.open(tmp_path / "bundle").part("llm_gptq")
+    assert part["sym"] is False and part["kernel"] == result.kernel
+    assert json.loads((result.gptq_dir / "quantize_config.json").read_text())["sym"] is False
+
+    packed = _load_safetensors_dir(result.gptq_dir)
+    original = _load_safetensors_dir(tiny["model_dir"] / "llm")
+    dense = {
+        n: _dequantize(*(packed[f"{n}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+        for n in _linear_names(packed)
+    }
+    zeros = np.concatenate(
+        [
+            (
+                (packed[f"{n}.qzeros"].view(np.uint32)[..., None] >> np.arange(0, 32, 4, dtype=np.uint32))
+                & 15
+            ).ravel()
+            for n in dense
+        ]
+    )
+    assert (
+        len(np.unique(zeros)) > 3
+    )  # really asymmetric: zero points vary (a sym checkpoint stores 7 everywhere)
+    for name, weight in dense.items():
+        ref = original[f"{name}.weight"]
+        assert np.linalg.norm(weight - ref) / np.linalg.norm(ref) < 0.2, (
+            name
+        )  # the stored checkpoint is right
+
+    runtime = load_gptq_llm(result.gptq_dir, device="cpu")  # the kernel the GPTQ decoder picks by default
+    checked = 0
+    for name, module in runtime.model.named_modules():
+        if f"{name}.qweight" in packed:
+            x = torch.randn(3, 5, dense[name].shape[1], generator=torch.Generator().manual_seed(0))
+            want = x @ torch.from_numpy(dense[name]).T
+            with torch.no_grad():
+                got = module(x.to(runtime.dtype)).float()
+            rel = float((got - want).norm() / want.norm())
+            assert rel < 0.02, f"{name}: relative output error {rel:.3f} (measured ~0.006)"
+            checked += 1
+    assert checked == len(dense) == 2 * len(QUANTIZED)
+
+    # Whole model: logits ≈ an fp32 LLaMA holding the numpy-dequantized weights.
+    reference = LlamaForCausalLM.from_pretrained(str(tiny["model_dir"] / "llm"), dtype=torch.float32).eval()
+    reference.load_state_dict({f"{n}.weight": torch.from_numpy(w) for n, w in dense.items()}, strict=False)
+    ids = torch.tensor([[1, *range(40, 100, 3)]])
+    with torch.no_grad():
+        want = reference(ids).logits
+        got = runtime.model(ids.to(runtime.device)).logits.float()
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    assert 0.5 < result.quality.ppl_ratio < 1.5  # the recorded quality comes from the same runtime path
+
+    with pytest.raises(DependencyError, match="zero points"):
+        load_gptq_llm(result.gptq_dir, device="cpu", kernel="torch_fused")
+
+
 # ----- SmolLM2-135M (real weights, dequantized from the bundled GGUF) ----------------------------------
 
 CALIBRATION_CAPTIONS = [
