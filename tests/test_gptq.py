@@ -553,6 +553,34 @@ def test_asymmetric_checkpoint_round_trips(tiny: dict[str, Any], tmp_path: Path)
         load_gptq_llm(result.gptq_dir, device="cpu", kernel="torch_fused")
 
 
+@pytest.mark.slow
+def test_loading_a_gptq_pipeline_from_library_code_prints_nothing(tiny: dict[str, Any]) -> None:
+    """A library user's process: import, load the GPTQ pipeline, answer; stdout and stderr stay empty
+    (transformers imports torchao, whose import logs failed CUDA extensions; GPTQModel prints banners)."""
+    import os
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from minigpt4_local.loader import LoadOptions, load_pipeline\n"
+        "from minigpt4_local.image import load_image\n"
+        "pipe = load_pipeline(sys.argv[1], LoadOptions(decoder='gptq', device='cpu'))\n"
+        "answer = pipe.describe(load_image(sys.argv[2]), 'What is this?', pipe.sampling(greedy=True, max_new_tokens=4))\n"
+        "assert answer.token_ids\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "MINIGPT4_DEBUG")}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny["bundle"]), str(tiny["images"] / "img5.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (done.stdout, done.stderr) == ("", "")
+
+
 # ----- SmolLM2-135M (real weights, dequantized from the bundled GGUF) ----------------------------------
 
 CALIBRATION_CAPTIONS = [
