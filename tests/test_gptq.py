@@ -45,9 +45,9 @@ def _dequantize(
     pack, mask = 32 // bits, (1 << bits) - 1
     shifts = np.arange(pack, dtype=np.uint32) * bits
     q = (qweight.view(np.uint32)[:, None, :] >> shifts[None, :, None]) & mask  # (in/pack, pack, out)
-    q = q.reshape(-1, qweight.shape[1]).astype(np.float32)  # (in, out)
+    q = q.reshape(-1, qweight.shape[1])[: len(g_idx)].astype(np.float32)  # (in, out); packing padding cut
     z = (qzeros.view(np.uint32)[:, :, None] >> shifts[None, None, :]) & mask  # (groups, out/pack, pack)
-    z = z.reshape(qzeros.shape[0], -1).astype(np.float32) + 1  # v1 stores zero - 1
+    z = z.reshape(qzeros.shape[0], -1)[:, : scales.shape[1]].astype(np.float32) + 1  # v1 stores zero - 1
     return (scales.astype(np.float32)[g_idx] * (q - z[g_idx])).T
 
 
@@ -579,6 +579,74 @@ def test_loading_a_gptq_pipeline_from_library_code_prints_nothing(tiny: dict[str
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (done.stdout, done.stderr) == ("", "")
+
+
+@pytest.mark.slow
+def test_group_size_minus_one_on_a_width_no_group_divides(tmp_path: Path) -> None:
+    """FFN width 172: no group size divides it, the error recommends -1, and -1 quantizes and runs
+    (GPTQModel 7.6 refuses -1 with act_group_aware on; on CPU only its plain torch kernel takes it)."""
+    import torch
+    from click.testing import CliRunner
+
+    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.checkpoints.model_dir import save_model_dir
+    from minigpt4_local.model import MiniGPT4
+    from minigpt4_local.quantize.gptq_cli import gptq_command
+
+    config = get_preset("tiny-vicuna-7b")
+    config.llm = dataclasses.replace(_tiny_llm(), intermediate_size=172)
+    torch.manual_seed(0)
+    model = MiniGPT4(config)
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0, 0.5 if name.startswith(("model.embed_tokens", "lm_head")) else 0.02)
+    model_dir = save_model_dir(model, make_tiny_sentencepiece(tmp_path / "tok"), tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text(
+        " ".join(
+            f"the {w} picture shows a {c} scene." for w in ("old", "new", "big") for c in ("red", "dark")
+        )
+        * 16
+    )
+    args = [str(model_dir), "--out", str(tmp_path / "bundle"), "--calibration", str(text)]
+    args += ["--seq-len", "64", "--eval-tokens", "8"]
+
+    refused = CliRunner().invoke(gptq_command, [*args, "--group-size", "32"])
+    assert refused.exit_code != 0 and "does not divide the decoder's FFN width (172); use -1" in str(
+        refused.exception
+    )
+    result = CliRunner().invoke(gptq_command, [*args, "--group-size", "-1"])
+    if result.exception is not None:
+        raise result.exception
+    part = json.loads(result.stdout.strip().splitlines()[-1])
+    assert part["group_size"] == -1 and 0.5 < part["quality"]["perplexity"]["ratio"] < 1.5
+
+    gptq_dir = tmp_path / "bundle" / "llm-gptq"
+    packed = _load_safetensors_dir(gptq_dir)
+    original = _load_safetensors_dir(model_dir / "llm")
+    runtime = load_gptq_llm(gptq_dir, device="cpu")
+    assert runtime.kernel == part["kernel"]
+    checked = 0
+    for name, module in runtime.model.named_modules():
+        if f"{name}.qweight" not in packed:
+            continue
+        dense = _dequantize(*(packed[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+        ref = original[f"{name}.weight"]
+        assert dense.shape == ref.shape and np.linalg.norm(dense - ref) / np.linalg.norm(ref) < 0.2, name
+        x = torch.randn(2, 3, dense.shape[1], generator=torch.Generator().manual_seed(0))
+        want = x @ torch.from_numpy(dense).T
+        with torch.no_grad():
+            got = module(x.to(runtime.dtype)).float()
+        assert float((got - want).norm() / want.norm()) < 0.02, name
+        checked += 1
+    assert checked == 2 * len(QUANTIZED)
+    with (
+        torch.no_grad()
+    ):  # a whole forward pass runs (TorchFused would fail here: widths not divisible by 16)
+        assert torch.isfinite(runtime.model(torch.tensor([[1, 5, 9, 13]])).logits).all()
+    with pytest.raises(DependencyError, match="per-channel"):
+        load_gptq_llm(gptq_dir, device="cpu", kernel="torch_fused")
 
 
 # ----- SmolLM2-135M (real weights, dequantized from the bundled GGUF) ----------------------------------

@@ -15,7 +15,8 @@ Contract:
   kernel GPTQModel cannot start, is a one-line `DependencyError`. `GptqLLM.kernel` names the kernel
   actually in use, read from the loaded modules (e.g. "marlin", "torch_fused"). Asymmetric (sym=False)
   checkpoints never run on a kernel that drops zero points (`SYMMETRIC_ONLY_KERNELS`: asked for, it
-  is a one-line error; "auto" on CPU takes `ASYMMETRIC_CPU_KERNEL`).
+  is a one-line error; "auto" on CPU takes `ASYMMETRIC_CPU_KERNEL`); per-channel ones (group size -1)
+  run on `PER_CHANNEL_CPU_KERNEL` on CPU.
 - `GptqDecoder(llm)` implements `pipeline.Decoder`: it stitches text-token embeddings (the
   checkpoint's own, unquantized embedding table) and image embeddings (numpy from ONNX Runtime, or
   torch) with `stitching.stitch`, then decodes with `generation.generate_from_embeds`, i.e. exactly
@@ -98,6 +99,10 @@ CPU_HALF_ONLY_KERNELS = frozenset({"aten", "torch"})
 # 38 million). Asymmetric checkpoints run on a kernel that reads the zero points (measured: 30.9).
 SYMMETRIC_ONLY_KERNELS = frozenset({"torch_fused"})
 ASYMMETRIC_CPU_KERNEL = "torch_int8"
+# Per-channel checkpoints (group size -1): of GPTQModel 7.6's CPU kernels only the plain torch one takes
+# them at any width (TorchFused needs group sizes 32-256 and output widths divisible by 16, ATen groups
+# of 16-128, TorchInt8 mis-pads widths such as 172).
+PER_CHANNEL_CPU_KERNEL = "torch"
 # GPTQModel's quantized-linear classes → the kernel names above.
 _KERNEL_CLASSES: dict[str, str] = {
     "MarlinLinear": "marlin",
@@ -288,15 +293,22 @@ def _resolve_kernel(kernel: str, device: str) -> str:
 
 
 def _zero_point_kernel(name: str, device: str, info: GptqInfo) -> str:
-    """The kernel for this checkpoint: an asymmetric one never runs on a kernel that drops zero points."""
-    if info.sym:
-        return name
-    if name in SYMMETRIC_ONLY_KERNELS:
+    """The kernel for this checkpoint: an asymmetric one never runs on a kernel that drops zero points,
+    a per-channel one (group size -1) on CPU runs on the kernel that takes it."""
+    cpu = not device.startswith("cuda")
+    if not info.sym and name in SYMMETRIC_ONLY_KERNELS:
         raise DependencyError(
             f"GPTQ kernel {name} ignores the zero points of asymmetric (sym=False) checkpoints such as "
             f"{info.path.name}; use kernel auto, {ASYMMETRIC_CPU_KERNEL} or aten"
         )
-    if name == "auto" and not device.startswith("cuda"):
+    if info.group_size <= 0 and cpu and name in ("auto", "torch_fused"):
+        if name == "torch_fused":  # it would fail only at the first forward pass, inside generation
+            raise DependencyError(
+                f"GPTQ kernel torch_fused cannot run per-channel (group size -1) checkpoints such as "
+                f"{info.path.name}; use kernel auto or {PER_CHANNEL_CPU_KERNEL}"
+            )
+        return PER_CHANNEL_CPU_KERNEL
+    if not info.sym and name == "auto" and cpu:
         return ASYMMETRIC_CPU_KERNEL  # GPTQModel's own CPU pick would be TorchFused
     return name
 
