@@ -13,7 +13,10 @@ Contract:
   is one of `KERNELS` ("auto" lets GPTQModel pick the fastest kernel that fits: Marlin-class on
   recent NVIDIA GPUs, TorchFused/ATen on CPU); a GPU-only kernel on a machine without CUDA, or a
   kernel GPTQModel cannot start, is a one-line `DependencyError`. `GptqLLM.kernel` names the kernel
-  actually in use, read from the loaded modules (e.g. "marlin", "torch_fused").
+  actually in use, read from the loaded modules (e.g. "marlin", "torch_fused"). Asymmetric (sym=False)
+  checkpoints never run on a kernel that drops zero points (`SYMMETRIC_ONLY_KERNELS`: asked for, it
+  is a one-line error; "auto" on CPU takes `ASYMMETRIC_CPU_KERNEL`); per-channel ones (group size -1)
+  run on `PER_CHANNEL_CPU_KERNEL` on CPU.
 - `GptqDecoder(llm)` implements `pipeline.Decoder`: it stitches text-token embeddings (the
   checkpoint's own, unquantized embedding table) and image embeddings (numpy from ONNX Runtime, or
   torch) with `stitching.stitch`, then decodes with `torch_generation.generate_from_embeds`, i.e. exactly
@@ -92,6 +95,15 @@ KERNELS: dict[str, str] = {
 CUDA_ONLY_KERNELS = frozenset({"marlin", "exllama_v2", "machete", "triton", "bitblas"})
 # CPU kernels that only take fp16/bf16 activations.
 CPU_HALF_ONLY_KERNELS = frozenset({"aten", "torch"})
+# Kernels that ignore a checkpoint's zero points: GPTQModel 7.6's TorchFused CPU path replaces them by
+# the symmetric midpoint, so a sym=False checkpoint computes garbage (SmolLM2 g32: perplexity 28.9 →
+# 38 million). Asymmetric checkpoints run on a kernel that reads the zero points (measured: 30.9).
+SYMMETRIC_ONLY_KERNELS = frozenset({"torch_fused"})
+ASYMMETRIC_CPU_KERNEL = "torch_int8"
+# Per-channel checkpoints (group size -1): of GPTQModel 7.6's CPU kernels only the plain torch one takes
+# them at any width (TorchFused needs group sizes 32-256 and output widths divisible by 16, ATen groups
+# of 16-128, TorchInt8 mis-pads widths such as 172).
+PER_CHANNEL_CPU_KERNEL = "torch"
 # GPTQModel's quantized-linear classes → the kernel names above.
 _KERNEL_CLASSES: dict[str, str] = {
     "MarlinLinear": "marlin",
@@ -262,6 +274,27 @@ def _resolve_kernel(kernel: str, device: str) -> str:
     return name
 
 
+def _zero_point_kernel(name: str, device: str, info: GptqInfo) -> str:
+    """The kernel for this checkpoint: an asymmetric one never runs on a kernel that drops zero points,
+    a per-channel one (group size -1) on CPU runs on the kernel that takes it."""
+    cpu = not device.startswith("cuda")
+    if not info.sym and name in SYMMETRIC_ONLY_KERNELS:
+        raise DependencyError(
+            f"GPTQ kernel {name} ignores the zero points of asymmetric (sym=False) checkpoints such as "
+            f"{info.path.name}; use kernel auto, {ASYMMETRIC_CPU_KERNEL} or aten"
+        )
+    if info.group_size <= 0 and cpu and name in ("auto", "torch_fused"):
+        if name == "torch_fused":  # it would fail only at the first forward pass, inside generation
+            raise DependencyError(
+                f"GPTQ kernel torch_fused cannot run per-channel (group size -1) checkpoints such as "
+                f"{info.path.name}; use kernel auto or {PER_CHANNEL_CPU_KERNEL}"
+            )
+        return PER_CHANNEL_CPU_KERNEL
+    if not info.sym and name == "auto" and cpu:
+        return ASYMMETRIC_CPU_KERNEL  # GPTQModel's own CPU pick would be TorchFused
+    return name
+
+
 def _default_dtype(device: str, kernel: str) -> str:
     # CUDA kernels (Marlin, ExLlama) take fp16. On CPU the fused kernel takes fp32 activations (and
     # keeps the unquantized embeddings/norms exact); the ATen and plain torch kernels need a half type.
@@ -304,7 +337,7 @@ def load_gptq_llm(
     info = read_gptq_dir(path, llm)
     torch = _require_torch()
     dev = resolve_device(device)
-    name = _resolve_kernel(kernel, dev)  # refused before the (slow) GPTQModel import
+    name = _zero_point_kernel(_resolve_kernel(kernel, dev), dev, info)  # refused before the (slow) import
     _, gptqmodel = require_gptq_runtime()
     # Without an explicit dtype, a CPU checkpoint the fp32 kernels cannot take (e.g. 3-bit) gets bf16.
     tries = [dtype] if dtype else [_default_dtype(dev, name), *([] if dev.startswith("cuda") else ["bf16"])]
