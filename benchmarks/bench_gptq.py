@@ -75,7 +75,7 @@ def build_default_models(work: Path) -> tuple[Path, Path]:
         fresh.save_pretrained(hf_dir)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(hf_dir)
     if not (gptq_dir / "quantize_config.json").is_file():
-        from minigpt4_local.backends.gptq_backend import quiet_gptqmodel, require_gptq_runtime
+        from minigpt4_local.backends.gptq_runtime import quiet_gptqmodel, require_gptq_runtime
         from minigpt4_local.tokenizer import load_tokenizer
 
         print(f"building {gptq_dir} (GPTQModel, 4-bit group 64, ~1-2 min on CPU)", file=sys.stderr)
@@ -100,7 +100,8 @@ def _rss_mib() -> float:
 def _load(args: argparse.Namespace) -> Any:
     import torch
 
-    from minigpt4_local.backends.gptq_backend import GptqLLM, load_gptq_llm, read_gptq_dir
+    from minigpt4_local.backends.gptq_checkpoint import read_gptq_dir
+    from minigpt4_local.backends.gptq_runtime import GptqLLM, load_gptq_llm
 
     if args.worker == "torch":
         from transformers import AutoModelForCausalLM
@@ -138,7 +139,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     if args.worker != "torch":
-        from minigpt4_local.backends.gptq_backend import require_gptq_runtime
+        from minigpt4_local.backends.gptq_runtime import require_gptq_runtime
 
         require_gptq_runtime()  # GPTQModel's imports count as base, not as the model
     base_rss = _rss_mib()

@@ -49,13 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minigpt4_local.backends.gptq_backend import (
-    GPTQ_DIR,
-    GPTQ_PART,
-    load_gptq_llm,
-    quiet_gptqmodel,
-    require_gptq_runtime,
-)
+from minigpt4_local.backends.gptq_checkpoint import GPTQ_DIR, GPTQ_PART
+from minigpt4_local.backends.gptq_runtime import load_gptq_llm, quiet_gptqmodel, require_gptq_runtime
 from minigpt4_local.config import LLMConfig, MiniGPT4Config
 from minigpt4_local.devices import default_precision, resolve_device, torch_dtype
 from minigpt4_local.errors import ConfigError, MiniGPT4Error, ModelDirError

@@ -93,7 +93,7 @@ def _tiny_llm() -> LLMConfig:
 
 
 def test_read_gptq_dir_accepts_matching_and_refuses_mismatched_dims(tmp_path: Path) -> None:
-    from minigpt4_local.backends.gptq_backend import read_gptq_dir
+    from minigpt4_local.backends.gptq_checkpoint import read_gptq_dir
 
     info = read_gptq_dir(_fake_gptq_dir(tmp_path / "ok"), _tiny_llm())
     assert (info.bits, info.group_size, info.desc_act) == (4, 32, False)
@@ -111,7 +111,7 @@ def test_read_gptq_dir_accepts_matching_and_refuses_mismatched_dims(tmp_path: Pa
 def test_missing_gptqmodel_is_one_line_with_install_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
 
     monkeypatch.setitem(sys.modules, "gptqmodel", None)  # `import gptqmodel` now raises ImportError
     with pytest.raises(DependencyError) as info:
@@ -121,7 +121,7 @@ def test_missing_gptqmodel_is_one_line_with_install_hint(
 
 
 def test_gpu_only_kernel_on_cpu_is_refused_before_loading(tmp_path: Path) -> None:
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
 
     with pytest.raises(DependencyError, match="marlin needs a CUDA GPU"):
         load_gptq_llm(_fake_gptq_dir(tmp_path / "g"), device="cpu", kernel="marlin")
@@ -305,7 +305,7 @@ def test_checkpoint_is_standard_gptq(tiny: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
 
     gptq_dir = tiny["bundle"] / "llm-gptq"
     packed = _load_safetensors_dir(gptq_dir)
@@ -427,7 +427,8 @@ def test_torch_vision_pairs_with_gptq_decoder(tiny: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_mismatched_or_unrunnable_checkpoint_is_refused(tiny: dict[str, Any]) -> None:
-    from minigpt4_local.backends.gptq_backend import GptqDecoder, load_gptq_llm
+    from minigpt4_local.backends.gptq_backend import GptqDecoder
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
     from minigpt4_local.stitching import ImagePart, StitchPlan, TextPart
 
     gptq_dir = tiny["bundle"] / "llm-gptq"
@@ -482,7 +483,7 @@ def test_asymmetric_checkpoint_round_trips(tiny: dict[str, Any], tmp_path: Path)
     import torch
     from transformers import LlamaForCausalLM
 
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
     from minigpt4_local.bundle import Bundle
     from minigpt4_local.quantize.gptq import GptqSettings, quantize_gptq
 
@@ -588,7 +589,7 @@ def test_group_size_minus_one_on_a_width_no_group_divides(tmp_path: Path) -> Non
     import torch
     from click.testing import CliRunner
 
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
     from minigpt4_local.checkpoints.model_dir import save_model_dir
     from minigpt4_local.model import MiniGPT4
     from minigpt4_local.quantize.gptq_cli import gptq_command
