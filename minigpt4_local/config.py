@@ -8,7 +8,9 @@ Contract:
 - `MiniGPT4Config.from_dict` / `load_config` reject unknown keys and inconsistent values with a
   `ConfigError` that names the offending key (e.g. `llm.hidden_size`).
 - `save_config` writes the JSON that sits beside the weights in a model directory.
-Numbers come from ../shared/spec/minigpt4-reference.md (sections 1–4, 6, 7).
+- Generation defaults are the Oct 2023 demo's, except that a config whose `prompt.template` is
+  `vicuna_v0_april` gets the April 2023 demo's repetition penalty 1.0 unless it sets one.
+Numbers come from docs/numerics.md (§2–13).
 """
 
 from __future__ import annotations
@@ -21,15 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .prompts import TEMPLATES
 
 CONFIG_FORMAT = "minigpt4-local/config"
 CONFIG_VERSION = 1
 
-# Image normalisation of the original (BLIP-2 / EVA-CLIP statistics), spec section 8.
+# Image normalisation of the original (BLIP-2 / EVA-CLIP statistics), docs/numerics.md §2.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-TEMPLATES = ("vicuna_v0", "vicuna_v0_april", "llama2")
+# Repetition penalty of each release's demo: the Oct 2023 one used 1.05, the April 2023 one 1.0.
+DEFAULT_REPETITION_PENALTY = 1.05
+TEMPLATE_REPETITION_PENALTY = {"vicuna_v0_april": 1.0}
+
+
+def default_repetition_penalty(template: str) -> float:
+    """The repetition penalty a config with this prompt template gets unless it sets one."""
+    return TEMPLATE_REPETITION_PENALTY.get(template, DEFAULT_REPETITION_PENALTY)
 
 
 @dataclass
@@ -43,7 +53,7 @@ class VisionConfig:
     num_heads: int = 16
     intermediate_size: int = 6144
     layer_norm_eps: float = 1e-6
-    ln_vision_eps: float = 1e-5  # ln_vision is NOT 1e-6 (spec section 2)
+    ln_vision_eps: float = 1e-5  # ln_vision is NOT 1e-6 (docs/numerics.md §4)
     hidden_act: str = "gelu"  # exact erf GELU
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
@@ -63,7 +73,7 @@ class VisionConfig:
 
 @dataclass
 class QFormerConfig:
-    """BERT-base-shaped Q-Former with cross-attention every 2nd layer (spec section 3)."""
+    """BERT-base-shaped Q-Former with cross-attention every 2nd layer (docs/numerics.md §5)."""
 
     num_query_tokens: int = 32
     hidden_size: int = 768
@@ -106,7 +116,7 @@ class LLMConfig:
 
 @dataclass
 class PromptConfig:
-    """Prompt template, stop rules and context limit (spec sections 6–7)."""
+    """Prompt template, stop rules and context limit (docs/numerics.md §10–12)."""
 
     template: str = "vicuna_v0"
     # The text before the first turn; None keeps the template's own (the original demo's system message),
@@ -121,7 +131,12 @@ class PromptConfig:
 
 @dataclass
 class GenerationDefaults:
-    """The original demo's decoding defaults (Oct 2023 release)."""
+    """The original demo's decoding defaults (Oct 2023 release).
+
+    `repetition_penalty` None means "the prompt template's": `MiniGPT4Config` resolves it on
+    construction (`default_repetition_penalty`: 1.0 for `vicuna_v0_april`, else 1.05), so a config's
+    `generation.repetition_penalty` is always a number.
+    """
 
     max_new_tokens: int = 300
     num_beams: int = 1
@@ -129,7 +144,7 @@ class GenerationDefaults:
     temperature: float = 1.0
     top_p: float = 0.9
     top_k: int = 50
-    repetition_penalty: float = 1.05
+    repetition_penalty: float | None = None
     length_penalty: float = 1.0
     min_length: int = 1
 
@@ -143,6 +158,11 @@ class MiniGPT4Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    def __post_init__(self) -> None:
+        if self.generation.repetition_penalty is None:  # not set: the template's release default
+            penalty = default_repetition_penalty(self.prompt.template)
+            self.generation = dataclasses.replace(self.generation, repetition_penalty=penalty)
 
     # ----- derived dimensions -------------------------------------------------------------
     @property
@@ -281,9 +301,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"config key {path!r} must be an object")
             kwargs[key] = _build(_NESTED[key], value, prefix=f"{path}.")
             continue
-        default = known[key].default
-        if default is dataclasses.MISSING and known[key].default_factory is not dataclasses.MISSING:
-            default = known[key].default_factory()
+        default: Any = known[key].default
+        if cls is GenerationDefaults and key == "repetition_penalty":
+            default = DEFAULT_REPETITION_PENALTY  # a number, or null for the template's default
+            if value is None:
+                kwargs[key] = None
+                continue
+        factory = known[key].default_factory
+        if default is dataclasses.MISSING and callable(factory):
+            default = factory()
         kwargs[key] = _coerce(path, value, default)
     return cls(**kwargs)
 

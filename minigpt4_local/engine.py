@@ -293,7 +293,7 @@ class Engine:
             from .grammar import schema_grammar
 
             grammar = schema_grammar(json_schema)  # type: ignore[arg-type]
-        from .backends._llama_ctx import grammar_sampler, llama_cpp_module
+        from .backends.llama_ctx import grammar_sampler, llama_cpp_module
 
         llama_cpp_module().llama_sampler_free(grammar_sampler(self._model, grammar))  # parse check
         return grammar
@@ -329,7 +329,7 @@ class Engine:
             self._waiting.remove(request)
             self._cancel_waiting(request)
         free = self._scheduler.free_slots()
-        ready = []
+        ready: list[Request] = []
         for request in list(self._waiting):
             if len(ready) >= free:
                 break

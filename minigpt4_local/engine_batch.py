@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends._llama_ctx import (
+from .backends.llama_ctx import (
     ConstrainedSampler,
     LlamaContext,
     MultiBatch,
@@ -117,7 +117,7 @@ class BatchedScheduler:
         kv_type: str | None = None,
         n_threads: int | None = None,
     ) -> None:
-        from .backends._llama_ctx import default_threads
+        from .backends.llama_ctx import default_threads
 
         self._lib = llama_cpp_module()
         self.llm = llm
@@ -133,7 +133,7 @@ class BatchedScheduler:
             ctx * parallel,
             n_batch,
             threads,
-            kv_type or getattr(llm, "kv_type", "f16"),
+            str(kv_type or getattr(llm, "kv_type", None) or "f16"),
             getattr(llm, "flash_attn", None),
             n_seq_max=parallel,
             kv_unified=False,
