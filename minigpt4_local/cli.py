@@ -191,6 +191,12 @@ def _sampling_from(pipeline: Any, opts: dict[str, Any]) -> Any:
         raise click.UsageError(str(exc)) from None
 
 
+def _print_now(text: str) -> None:
+    """Streamed answer text: shown at once."""
+    click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
 def _err(message: str) -> None:
     click.echo(f"minigpt4: error: {message}", err=True)
 
@@ -532,7 +538,7 @@ def chat(image: str | None, **opts: Any) -> None:
             _err("add an image first: /image PATH")
             continue
         try:
-            session.ask(line, options, lambda s: (click.echo(s, nl=False), sys.stdout.flush()))
+            session.ask(line, options, _print_now)
         except MiniGPT4Error as exc:
             _err(str(exc))
             continue
