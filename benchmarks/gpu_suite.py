@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                            "gptq_kernel": args.gptq_kernel, "outputs": {}, **settings}  # fmt: skip
     stamp = _stamp(args)
     need_model = any(s != "synth" for s in steps)
-    if "synth" not in steps and need_model and (args.fresh or not _synth_cached(work, stamp)):
+    if "synth" not in steps and need_model:  # reused when cached (reported as such), else built
         steps.insert(0, "synth")
     ordered = [s for s in STEP_ORDER if s in steps]
 

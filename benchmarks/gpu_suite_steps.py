@@ -101,7 +101,16 @@ def suite_image(size: int = 224, seed: int = 0) -> Any:
 
 
 def _providers(ctx: Ctx) -> list[str]:
-    return ["cuda", "cpu"] if _on_gpu(ctx) else ["cpu"]
+    """ONNX Runtime providers: CUDA first on a GPU run. Without onnxruntime-gpu (it did not travel, or
+    the image's CPU build shadows it) the ONNX part falls back to the CPU; the rows name the provider."""
+    if not _on_gpu(ctx):
+        return ["cpu"]
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        print("onnxruntime has no CUDAExecutionProvider here: ONNX vision runs on the CPU", file=sys.stderr)
+        return ["cpu"]
+    return ["cuda", "cpu"]
 
 
 def _preload_cuda_libraries() -> None:
@@ -335,7 +344,8 @@ def step_describe_bundle(ctx: Ctx) -> dict[str, Any]:
         pipeline = load_pipeline(ctx["bundle"], LoadOptions(providers=_providers(ctx), n_ctx=n_ctx,
                                                             threads=_threads(ctx), verify=False))  # fmt: skip
         timing, ids = _timed_describes(pipeline, ctx, ctx["describe_tokens"])
-    label = f"bundle ({pipeline.name.split('(')[-1].rstrip(')')}), {ctx['device']}"
+    providers = getattr(pipeline.vision, "providers", ["?"])
+    label = f"bundle ({pipeline.name.split('(')[-1].rstrip(')')}), {ctx['device']}, ORT {providers[0].removesuffix('ExecutionProvider')}"
     rows = [
         _row(f"describe {timing['tokens']} tokens", label, timing["wall_s"], "s",
              f"generate {timing['generate_tok_s']} tok/s"),
