@@ -64,6 +64,8 @@ SETTINGS = {  # per device: timing repeats and token counts
     "cpu": {"repeats": 1, "new_tokens": 16, "describe_tokens": 32, "engine_tokens": 8, "ref_tokens": 8},
 }
 SYNTH_VERSION = 1  # bump when gpu_suite_synth writes something else
+LLAMA_READY_ENV = "GPU_SUITE_LLAMA_READY"
+NEEDS_LLAMA_CPP = frozenset({"decode", "describe-bundle", "engine", "ref-bundle"})
 
 
 def log(message: str) -> None:
@@ -79,7 +81,14 @@ def _worker(step: str, ctx_file: Path, result_file: Path) -> int:
     if step == "synth":
         import gpu_suite_synth
 
-        paths = gpu_suite_synth.synthesize(ctx["shape"], Path(ctx["work"]), ctx["device"], ctx["seed"], log)
+        paths = gpu_suite_synth.synthesize(
+            ctx["shape"],
+            Path(ctx["work"]),
+            ctx["device"],
+            ctx["seed"],
+            log,
+            before_llama_cpp=wait_for_llama_cpp,
+        )
         rows = [{"what": f"synth: {k}", "path": ctx["device"], "value": v, "unit": "s", "note": ""}
                 for k, v in paths.seconds.items()]  # fmt: skip
         rows += [
@@ -93,6 +102,25 @@ def _worker(step: str, ctx_file: Path, result_file: Path) -> int:
         result = gpu_suite_steps.STEPS[step](ctx)
     result_file.write_text(json.dumps(result, default=str))
     return 0
+
+
+def wait_for_llama_cpp(timeout: float = 1800.0) -> None:
+    """Block until gpu_suite.sh's background llama-cpp-python build has finished (no-op without one).
+
+    The wrapper names a marker file in GPU_SUITE_LLAMA_READY and writes "ok" or "failed" into it when
+    the build + install is over; a failed build is an error of whatever step needs llama.cpp."""
+    marker = os.environ.get(LLAMA_READY_ENV)
+    if not marker:
+        return
+    path, start = Path(marker), time.monotonic()
+    while not path.is_file() or not path.read_text().strip():
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"llama-cpp-python build not finished after {timeout:.0f} s")
+        time.sleep(1.0)
+    if path.read_text().strip() != "ok":
+        raise RuntimeError(
+            "the llama-cpp-python build failed (see .gpu-suite/install-llama-cpp-python-build.log)"
+        )
 
 
 def _pump(stream: Any, tail: deque, prefix: str) -> None:
@@ -281,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {"suite": "gpu_suite", "shape": args.shape, "device": args.device,
                               "budget_s": args.budget_s, "environment": environment(args.device),
-                              "installs": _read_installs(args.install_log), "steps": {}, "rows": [],
+                              "installs": [], "steps": {}, "rows": [],
                               "checks": [], "metrics": {}, "settings": settings}  # fmt: skip
     synth_failed = False
     for step in ordered:
@@ -302,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"== {step} (at {elapsed:.0f} s)")
         tick = time.monotonic()
+        if step in NEEDS_LLAMA_CPP and os.environ.get(LLAMA_READY_ENV):
+            try:
+                wait_for_llama_cpp(remaining or 1800.0)
+            except RuntimeError as exc:
+                report["steps"][step] = {"status": "error", "seconds": 0.0, "error": str(exc)}
+                continue
         if step == "synth":
             (work / "synth.json").unlink(missing_ok=True)
         result = run_worker(step, ctx, scratch, remaining)
@@ -321,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx["outputs"].update(result.get("outputs", {}))
         log(f"== {step}: ok in {seconds} s")
 
+    report["installs"] = _read_installs(args.install_log)  # at the end: a background build logs late
     report["elapsed_s"] = round(time.monotonic() - start, 1)
     ran = [s for s in report["steps"].values() if s["status"] not in ("skipped", "cached")]
     report["ok"] = all(s["status"] == "ok" for s in ran) and all(c["ok"] for c in report["checks"])

@@ -10,9 +10,11 @@
 #  2. installs into .gpu-suite/site (put first on PYTHONPATH; the image's python3 and its torch,
 #     transformers, onnx, safetensors, ... are used as they are), timing each step:
 #       small wheels (gguf, diskcache), onnxruntime-gpu (replaces the image's CPU onnxruntime on
-#       sys.path), GPTQModel + its missing dependencies, llama-cpp-python built from the trimmed sdist
-#       with CUDA for this GPU's architecture only (CMAKE_CUDA_ARCHITECTURES from nvidia-smi, all
-#       cores; the wheel is cached in .gpu-suite/wheelhouse for the next call), and this project;
+#       sys.path), GPTQModel + its missing dependencies, this project, and llama-cpp-python built
+#       from the trimmed sdist with CUDA for this GPU's architecture only (CMAKE_CUDA_ARCHITECTURES
+#       from nvidia-smi, all cores; extra flags in GPU_SUITE_CMAKE_ARGS) IN THE BACKGROUND while the
+#       suite's synth step does its llama.cpp-free work; the wheel is cached in .gpu-suite/wheelhouse
+#       for the next call on the same machine;
 #  3. runs benchmarks/gpu_suite.py with the install timings (--install-log) and what is left of the
 #     budget, writing the table and JSON line to OUTDIR (default: $OUT when set, else .gpu-suite/out).
 # A failing install is recorded (the steps that need it then fail on their own) and the run goes on.
@@ -87,21 +89,36 @@ else record onnxruntime-gpu 0 false "not staged: carry every $W/ort-N part (gpu_
 gptq=$(ls "$W"/*.whl 2>/dev/null | grep -Ev '/(gguf|diskcache|onnxruntime_gpu|llama_cpp_python)-')
 [ -n "$gptq" ] && timed gptqmodel "gptqmodel + its missing dependencies" "${PIP[@]}" $gptq
 
+timed minigpt4-local "this checkout" "${PIP[@]}" --no-build-isolation .
+
+# llama-cpp-python: built in the background (the longest install); the suite's synth step does its
+# llama.cpp-free work (sources, convert, ONNX export) meanwhile and waits for this marker file only
+# before the GGUF quantizer, as do the steps that run llama.cpp.
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 arch="${arch:-90}"
-# A CUDA wheel built earlier on this machine (wheelhouse), or one carried in DIR, skips the build.
-built=$(ls "$STATE"/wheelhouse/llama_cpp_python-*.whl "$W"/llama_cpp_python-*.whl 2>/dev/null | head -1)
-sdist=$(ls "$W"/llama_cpp_python-*-trimmed.tar.gz 2>/dev/null | head -1)
-if [ -z "$built" ] && [ -n "$sdist" ]; then
-    export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DGGML_NATIVE=on ${GPU_SUITE_CMAKE_ARGS:-}"
-    export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
-    timed llama-cpp-python-build "CUDA sm_$arch, -j $(nproc)" \
-        "$PY" -m pip wheel -q --no-index --no-deps --no-build-isolation -w "$STATE/wheelhouse" "$sdist"
-    built=$(ls "$STATE"/wheelhouse/llama_cpp_python-*.whl 2>/dev/null | head -1)
-fi
-if [ -n "$built" ]; then timed llama-cpp-python "$(basename "$built")" "${PIP[@]}" "$built"
-else record llama-cpp-python 0 false "no wheel and no trimmed sdist staged"; fi
-timed minigpt4-local "this checkout" "${PIP[@]}" --no-build-isolation .
+READY="$PWD/$STATE/llama.done"
+rm -f "$READY"
+export GPU_SUITE_LLAMA_READY="$READY"
+llama_install() {
+    # A CUDA wheel built earlier on this machine (wheelhouse), or one carried in DIR, skips the build.
+    local built sdist
+    built=$(ls "$STATE"/wheelhouse/llama_cpp_python-*.whl "$W"/llama_cpp_python-*.whl 2>/dev/null | head -1)
+    sdist=$(ls "$W"/llama_cpp_python-*-trimmed.tar.gz 2>/dev/null | head -1)
+    if [ -z "$built" ] && [ -n "$sdist" ]; then
+        CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DGGML_NATIVE=on ${GPU_SUITE_CMAKE_ARGS:-}" \
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            timed llama-cpp-python-build "CUDA sm_$arch, -j $(nproc)" \
+            "$PY" -m pip wheel -q --no-index --no-deps --no-build-isolation -w "$STATE/wheelhouse" "$sdist"
+        built=$(ls "$STATE"/wheelhouse/llama_cpp_python-*.whl 2>/dev/null | head -1)
+    fi
+    if [ -n "$built" ] && timed llama-cpp-python "$(basename "$built")" "${PIP[@]}" "$built"; then
+        echo ok >"$READY"
+    else
+        [ -n "$built" ] || record llama-cpp-python 0 false "no wheel and no trimmed sdist staged"
+        echo failed >"$READY"
+    fi
+}
+llama_install &
 
 # onnxruntime-gpu loads cuBLAS/cuDNN/cuRAND from the image's nvidia-* wheels.
 nvlibs=$("$PY" - <<'EOF'
@@ -119,3 +136,6 @@ export GPTQMODEL_TORCH_EXTENSIONS_DIR="$PWD/$STATE/torch_extensions"  # kernel J
 left=$((BUDGET - ($(date +%s) - start)))
 echo "installs took $(( $(date +%s) - start )) s; suite budget ${left} s" >&2
 PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_suite.py --install-log "$LOG" --budget-s "$left" --out "$OUTDIR" "$@"
+status=$?
+wait  # the background build, if the suite ended before it
+exit $status

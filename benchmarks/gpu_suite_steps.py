@@ -393,50 +393,59 @@ def step_describe_torch(ctx: Ctx) -> dict[str, Any]:
 
 
 def step_engine(ctx: Ctx) -> dict[str, Any]:
-    """Throughput of the engine's continuous batching at parallel 1/8/32; greedy ids vs parallel 1."""
+    """Throughput of the engine's continuous batching at parallel 1/8/32; greedy ids vs parallel 1.
+
+    The four test images are encoded once (parallel 1's engine) and submitted as embedding arrays, so
+    the figures are the decoder's batching (vision is timed in its own step) and the ids of a job can
+    only differ through decode batching: on the CPU they must be identical (the engine's invariant), on
+    a GPU the kernels llama.cpp picks change with the batch size, so GREEDY_PREFIX leading ids must be.
+    """
     from minigpt4_local.engine import Engine
     from minigpt4_local.loader import LoadOptions
 
     gpu = _on_gpu(ctx)
     if gpu:
         _preload_cuda_libraries()
-    images = [suite_image(224, seed=s) for s in range(4)]
     n_new = ctx["engine_tokens"]
-    rows, metrics, reference, agreement = [], {}, {}, []
+    rows, metrics, reference = [], {}, {}
+    agree, total = 0, 0
+    embeds: list[Any] = []
     for parallel in (1, 8, 32):
         options = LoadOptions(providers=_providers(ctx), threads=_threads(ctx), verify=False)
         with Engine.open(ctx["bundle"], options, parallel=parallel, ctx=512, image_cache_mb=0) as engine:
-            if images[0].size[0] != engine.config.vision.image_size:
-                images = [suite_image(engine.config.vision.image_size, seed=s) for s in range(4)]
-            prompt = engine.new_conversation()
-            prompt.add_image()
-            prompt.ask(QUESTION)
-            text = prompt.prompt()
+            if not embeds:
+                size = engine.config.vision.image_size
+                embeds = [engine.encode_images([suite_image(size, seed=s)])[0] for s in range(4)]
+            conversation = engine.new_conversation()
+            conversation.add_image()
+            conversation.ask(QUESTION)
+            text = conversation.prompt()
             sampling = engine.sampling(greedy=True, max_new_tokens=n_new)
-            engine.submit(
-                text, [images[0]], engine.sampling(greedy=True, max_new_tokens=2)
-            ).result()  # warm-up
+            engine.submit(text, [embeds[0]], engine.sampling(greedy=True, max_new_tokens=2)).result()
             n_jobs = max(parallel, 4)
             start = time.perf_counter()
-            jobs = [engine.submit(text, [images[i % 4]], sampling) for i in range(n_jobs)]
+            jobs = [engine.submit(text, [embeds[i % 4]], sampling) for i in range(n_jobs)]
             answers = [job.result(timeout=600) for job in jobs]
             wall = time.perf_counter() - start
         tokens = sum(len(a.token_ids) for a in answers)
-        rate = tokens / wall
-        metrics[f"parallel_{parallel}_tok_s"] = round(rate, 2)
+        metrics[f"parallel_{parallel}_tok_s"] = round(tokens / wall, 2)
         rows.append(_row(f"engine parallel {parallel}", f"{n_jobs} jobs x {n_new} tokens, {ctx['device']}",
-                         round(rate, 2), "tok/s", f"wall {wall:.2f} s"))  # fmt: skip
+                         round(tokens / wall, 2), "tok/s", f"wall {wall:.2f} s; image embeddings precomputed"))  # fmt: skip
         for i, answer in enumerate(answers):
-            key = i % 4
             if parallel == 1:
-                reference.setdefault(key, answer.token_ids)
-            elif key in reference:
-                agreement.append(answer.token_ids == reference[key])
-    same = sum(agreement)
-    # On the CPU batching must not change greedy ids at all (the engine's invariant); GPU kernels may
-    # pick other reductions per batch size, so there the share is reported against the same tolerance.
-    checks = [_check("engine: greedy ids at parallel 8/32 == parallel 1", f"{same}/{len(agreement)}",
-                     "all equal", len(agreement) > 0 and same == len(agreement))]  # fmt: skip
+                reference.setdefault(i % 4, answer.token_ids)
+                continue
+            want = reference[i % 4]
+            same = _prefix(answer.token_ids, want)
+            total += 1
+            agree += (
+                same == len(want) == len(answer.token_ids)
+                if not gpu
+                else same >= min(GREEDY_PREFIX, len(want))
+            )
+    rule = "all ids equal (cpu)" if not gpu else f">= {GREEDY_PREFIX} leading ids equal"
+    checks = [_check("engine: greedy ids at parallel 8/32 vs parallel 1", f"{agree}/{total} jobs", rule,
+                     total > 0 and agree == total)]  # fmt: skip
     return {"rows": rows, "checks": checks, "metrics": metrics}
 
 

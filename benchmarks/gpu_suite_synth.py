@@ -14,12 +14,14 @@ Contract (used by `gpu_suite.py`'s `synth` step; no download, deterministic for 
   (matrices std 1/sqrt(fan_in), norm weights 1 + 0.1 N, biases 0.02 N, position/CLS/query embeddings
   0.5 N), drawn on `device` (cuda is far faster for 7B) and written tensor by tensor / shard by shard,
   so host memory stays at about one shard.
-- `synthesize(shape, work, device, seed, say)` → `SynthPaths`: `write_sources`, then the project's own
+- `synthesize(shape, work, device, seed, say, before_llama_cpp)` → `SynthPaths`: `write_sources`, then the project's own
   tools: `checkpoints.model_dir.convert` (model directory), `export.onnx_vision.export_onnx` (fp16 graph,
   verified on the CPU), `quantize.gguf_bundle.export_gguf` (Q4_K_M through llama.cpp's quantizer), and
   `write_gptq_rtn` (a 4-bit group-128 GPTQ checkpoint of the same weights, round-to-nearest instead of
   GPTQ's Hessian search: GPTQModel needs calibration passes that do not fit a GPU loan at 7B). The
   sources are deleted once converted (disk). Each tool's time is returned in `SynthPaths.seconds`.
+  `before_llama_cpp()` is called just before the first llama.cpp use (the GGUF quantizer), so that a
+  llama-cpp-python build running meanwhile (gpu_suite.sh) overlaps the llama.cpp-free work.
 - `write_gptq_rtn(model_dir, bundle_dir, bits=4, group_size=128, device)` writes `BUNDLE/llm-gptq/` in
   the standard GPTQ v1 layout GPTQModel loads (`qweight` int32 (K/8, N) packing 8 nibbles along the
   input dim, `qzeros` int32 (K/g, N/8) holding zero-1, fp16 `scales` (K/g, N), `g_idx`), symmetric:
@@ -408,7 +410,12 @@ def _du_mb(path: Path) -> float:
 
 
 def synthesize(
-    shape: str, work: Path, device: str = "cpu", seed: int = 0, say: Say | None = None
+    shape: str,
+    work: Path,
+    device: str = "cpu",
+    seed: int = 0,
+    say: Say | None = None,
+    before_llama_cpp: Callable[[], None] | None = None,
 ) -> SynthPaths:
     """Sources → model directory → bundle (fp16 ONNX + Q4_K_M GGUF + GPTQ 4-bit); see module docstring."""
     from minigpt4_local.checkpoints.model_dir import convert
@@ -435,6 +442,8 @@ def synthesize(
                                      out=paths.model_dir, config_path=sources.config))  # fmt: skip
     shutil.rmtree(work / "sources", ignore_errors=True)
     timed("export_onnx_fp16", lambda: export_onnx(paths.model_dir, paths.bundle, "fp16", n_verify=2))
+    if before_llama_cpp is not None:  # gpu_suite.sh builds llama-cpp-python meanwhile
+        timed("wait_for_llama_cpp", before_llama_cpp)
     timed("quantize_gguf_q4_k_m", lambda: export_gguf(paths.model_dir, paths.bundle, "Q4_K_M"))
     timed("write_gptq_rtn", lambda: write_gptq_rtn(paths.model_dir, paths.bundle, device=device))
     paths.sizes_mb.update({"model_dir": _du_mb(paths.model_dir), "vision.onnx": _du_mb(paths.bundle / "vision.onnx")

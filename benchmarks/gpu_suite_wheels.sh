@@ -12,8 +12,9 @@
 #               a CPython 3.12, pypcre links the system's libpcre2-8.so.0), and
 #               llama_cpp_python-VERSION-trimmed.tar.gz: the sdist without vendor/llama.cpp's models,
 #               docs, tests, examples and .git folders (77 MB -> ~8 MB); built there for the GPU's arch.
-#   DIR/ort-N/  onnxruntime-gpu (CUDA 13 build, ~256 MB) cut into parts of at most 60 MiB, one folder
-#               per call: a call carries at most 64 MiB, so each part travels in its own call with
+#   DIR/ort-N/  onnxruntime-gpu (CUDA 13 build, ~256 MB) cut into parts of PART_MIB (default 44) MiB,
+#               one folder per call: a call carries at most 64 MiB INCLUDING the repository's own
+#               files (~17 MB), so each part travels in its own call with
 #               `gpu_suite.sh --wheels DIR/ort-N --stage-only` (parts are joined, checked against the
 #               recorded sha256, once all have arrived).
 # Versions follow .ci/constraints.txt where it pins them.
@@ -57,12 +58,13 @@ for tool in "$V"/tools/*; do  # llama-cpp-python builds only tools/mtmd
 done
 tar czf "$DIR/base/llama_cpp_python-$LLAMA_VERSION-trimmed.tar.gz" -C "$tmp" "llama_cpp_python-$LLAMA_VERSION"
 
-echo "onnxruntime-gpu $ORT_VERSION: split into parts of 60 MiB"
+PART_MIB="${PART_MIB:-44}"
+echo "onnxruntime-gpu $ORT_VERSION: split into parts of $PART_MIB MiB"
 python3 -m pip download -q --no-deps --only-binary=:all: "${PY_TAGS[@]}" -d "$tmp/ort" "onnxruntime-gpu==$ORT_VERSION"
 wheel="$(ls "$tmp"/ort/onnxruntime_gpu-*.whl)"
 name="$(basename "$wheel")"
 rm -rf "$DIR"/ort-*
-split -b 60m -d -a 2 "$wheel" "$tmp/ort/$name.part-"
+split -b "${PART_MIB}m" -d -a 2 "$wheel" "$tmp/ort/$name.part-"
 parts=("$tmp"/ort/"$name".part-*)
 i=0
 for part in "${parts[@]}"; do
