@@ -134,6 +134,7 @@ export GPTQMODEL_TORCH_EXTENSIONS_DIR="$PWD/$STATE/torch_extensions"  # kernel J
 
 # ----- 3. the suite -------------------------------------------------------------------------------------
 left=$((BUDGET - ($(date +%s) - start)))
+[ "$left" -ge 1 ] || left=1  # 0 would mean "no budget" to the suite
 echo "installs took $(( $(date +%s) - start )) s; suite budget ${left} s" >&2
 PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_suite.py --install-log "$LOG" --budget-s "$left" --out "$OUTDIR" "$@"
 status=$?

@@ -576,7 +576,7 @@ def step_ref_gptq(ctx: Ctx) -> dict[str, Any]:
     device_ids = ctx["outputs"].get("gptq_ids")
     if device_ids is None:
         raise RuntimeError("no device ids to compare with (gptq did not run)")
-    run = _gptq_run(ctx, "cpu", ctx["ref_tokens"], 1)
+    run = _gptq_run({**ctx, "gptq_kernel": "auto"}, "cpu", ctx["ref_tokens"], 1)  # the CPU's own kernel
     return {
         "checks": [_greedy_check(f"gptq: {ctx['device']} vs cpu ({run['kernel']})", device_ids, run["ids"])]
     }
