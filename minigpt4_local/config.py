@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .prompts import TEMPLATES
 
 CONFIG_FORMAT = "minigpt4-local/config"
 CONFIG_VERSION = 1
@@ -28,8 +29,6 @@ CONFIG_VERSION = 1
 # Image normalisation of the original (BLIP-2 / EVA-CLIP statistics), spec section 8.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-TEMPLATES = ("vicuna_v0", "vicuna_v0_april", "llama2")
 
 
 @dataclass
@@ -281,9 +280,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"config key {path!r} must be an object")
             kwargs[key] = _build(_NESTED[key], value, prefix=f"{path}.")
             continue
-        default = known[key].default
-        if default is dataclasses.MISSING and known[key].default_factory is not dataclasses.MISSING:
-            default = known[key].default_factory()
+        default: Any = known[key].default
+        factory = known[key].default_factory
+        if default is dataclasses.MISSING and callable(factory):
+            default = factory()
         kwargs[key] = _coerce(path, value, default)
     return cls(**kwargs)
 

@@ -194,7 +194,7 @@ def stitch(
     plan: StitchPlan,
     embed_tokens: Callable[[list[int]], Any],
     image_embeds: Sequence[Any],
-    concat: Callable[[Sequence[Any]], Any] | None = None,
+    concat: Callable[[list[Any]], Any] | None = None,
 ) -> Any:
     """Interleave text embeddings and image rows into one (plan.total_length, hidden) array."""
     pieces = [embed_tokens(s) if isinstance(s, list) else s for s in plan_segments(plan, image_embeds)]

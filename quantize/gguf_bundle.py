@@ -106,7 +106,7 @@ def _bos_if_added(gguf_path: Path) -> int | None:
 def _ensure_tokenizer(bundle: Any, llm_dir: Path) -> None:
     if bundle.has_part("tokenizer"):
         return
-    from minigpt4_local.export.onnx_vision import copy_tokenizer
+    from minigpt4_local.export.vision_export import copy_tokenizer
 
     copy_tokenizer(llm_dir, bundle)
 

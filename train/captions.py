@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-IMAGE_TAG = "<Img><ImageHere></Img>"
-IMAGE_PLACEHOLDER = "<ImageHere>"
+from minigpt4_local.prompts import IMAGE_MESSAGE as IMAGE_TAG
+from minigpt4_local.prompts import IMAGE_PLACEHOLDER
+
 LLAVA_IMAGE = "<image>"
 
 # The characters the original caption processor turns into spaces.

@@ -19,12 +19,12 @@ Contract:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from ..files import read_json_object
 from .names import IGNORE, Rule, fuse_qkv_bias, rename
 from .safe_load import load_safetensors
 
@@ -65,22 +65,12 @@ def part_of(key: str) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def _check_config(root: Path, progress: Callable[[str], None] | None) -> None:
     """Refuse a directory whose config.json says it is not BLIP-2; note non-flan-t5 variants."""
     path = root / "config.json"
     if not path.is_file():
         return
-    config = _read_json(path)
+    config = read_json_object(path, CheckpointError)
     model_type = config.get("model_type")
     if model_type is not None and model_type != "blip-2":
         raise CheckpointError(f"{root}: config.json says model_type {model_type!r}, expected 'blip-2'")
@@ -93,7 +83,7 @@ def shard_plan(root: Path, wanted: Callable[[str], bool]) -> dict[Path, list[str
     """{shard file: [needed keys]} from the index (or the single file's header)."""
     index_path = root / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json_object(index_path, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no 'weight_map' object")
         plan: dict[Path, list[str]] = {}
