@@ -193,7 +193,7 @@ def step_vision(ctx: Ctx) -> dict[str, Any]:
     torch = _pin_torch(ctx)
     from minigpt4_local.backends.onnx_vision import OnnxVisionEncoder
     from minigpt4_local.checkpoints.model_dir import load_model_dir
-    from minigpt4_local.export.onnx_vision import verification_pixels
+    from minigpt4_local.export.onnx_verify import verification_pixels
 
     gpu = _on_gpu(ctx)
     model = load_model_dir(ctx["model_dir"], device="cpu", with_llm=False)

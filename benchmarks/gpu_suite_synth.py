@@ -15,7 +15,7 @@ Contract (used by `gpu_suite.py`'s `synth` step; no download, deterministic for 
   0.5 N), drawn on `device` (cuda is far faster for 7B) and written tensor by tensor / shard by shard,
   so host memory stays at about one shard.
 - `synthesize(shape, work, device, seed, say, before_llama_cpp)` → `SynthPaths`: `write_sources`, then the project's own
-  tools: `checkpoints.model_dir.convert` (model directory), `export.onnx_vision.export_onnx` (fp16 graph,
+  tools: `checkpoints.model_dir.convert` (model directory), `export.vision_export.export_onnx` (fp16 graph,
   verified on the CPU), `quantize.gguf_bundle.export_gguf` (Q4_K_M through llama.cpp's quantizer), and
   `write_gptq_rtn` (a 4-bit group-128 GPTQ checkpoint of the same weights, round-to-nearest instead of
   GPTQ's Hessian search: GPTQModel needs calibration passes that do not fit a GPU loan at 7B). The
@@ -419,7 +419,7 @@ def synthesize(
 ) -> SynthPaths:
     """Sources → model directory → bundle (fp16 ONNX + Q4_K_M GGUF + GPTQ 4-bit); see module docstring."""
     from minigpt4_local.checkpoints.model_dir import convert
-    from minigpt4_local.export.onnx_vision import export_onnx
+    from minigpt4_local.export.vision_export import export_onnx
     from minigpt4_local.quantize.gguf_bundle import export_gguf
 
     say = say or (lambda _message: None)
