@@ -323,13 +323,23 @@ def _timed_describes(pipeline: Any, ctx: Ctx, n_new: int) -> tuple[dict[str, Any
             "generate_tok_s": round(statistics.median(rates), 2)}, ids  # fmt: skip
 
 
-def _predicted_memory(ctx: Ctx, n_ctx: int) -> dict[str, Any] | None:
-    """The engine helper's estimator (`minigpt4 info BUNDLE --memory`), when this build has it."""
-    try:
-        from minigpt4_local import memory_estimate  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return memory_estimate.estimate(ctx["bundle"], ctx=n_ctx, parallel=1, gpu=_on_gpu(ctx))
+def _predicted_memory(ctx: Ctx, n_ctx: int) -> dict[str, Any]:
+    """What `minigpt4 info BUNDLE --memory --ctx N --parallel 1` predicts (the project's one estimator),
+    as its JSON when it offers `--json`, else its text; `{"unavailable": reason}` when this build has none."""
+    import subprocess
+
+    base = [sys.executable, "-m", "minigpt4_local.cli", "info", ctx["bundle"], "--memory", "--ctx", str(n_ctx),
+            "--parallel", "1"]  # fmt: skip
+    for extra in (["--json"], []):
+        done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode == 0 and done.stdout.strip():
+            text = done.stdout.strip()
+            try:
+                return {"json": json.loads(text.splitlines()[-1])} if extra else {"text": text}
+            except ValueError:
+                return {"text": text}
+    reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    return {"unavailable": reason[:200]}
 
 
 def step_describe_bundle(ctx: Ctx) -> dict[str, Any]:
@@ -359,9 +369,13 @@ def step_describe_bundle(ctx: Ctx) -> dict[str, Any]:
         checks.append(_check("bundle peak GPU memory (7B Q4_K_M, ctx 2048)", round(memory.used_gb, 3),
                              f"<= {goal} GB (goal)", memory.used_gb <= goal))  # fmt: skip
     predicted = _predicted_memory(ctx, n_ctx)
-    if predicted is not None:
-        metrics["predicted_memory"] = predicted
-        rows.append(_row("predicted memory (info --memory)", label, predicted, "", "minigpt4 info --memory"))
+    metrics["predicted_memory"] = predicted
+    summary = predicted.get("unavailable") or " ".join(
+        str(predicted.get("json", predicted.get("text"))).split()
+    )
+    rows.append(
+        _row(f"predicted memory, ctx {n_ctx}", "minigpt4 info --memory", "see note", "", summary[:160])
+    )
     return {"rows": rows, "checks": checks, "metrics": metrics, "outputs": {"bundle_ids": ids}}
 
 
