@@ -7,7 +7,7 @@ Contract:
   `minigpt4_local.errors.ImageError` with one line naming the path and the problem; it never hangs
   (the path is `stat`-ed and opened non-blocking before anything reads it) and never decodes a
   half image (Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at its default, False).
-- `preprocess(images, image_size)` does what the original does (spec section 8): `.convert("RGB")`,
+- `preprocess(images, image_size)` does what the original does (docs/numerics.md §2): `.convert("RGB")`,
   PIL bicubic resize (antialiased) to (S, S), /255, `(x - mean) / std`, all in float32 like
   torchvision's `ToTensor` + `Normalize`. It returns a C-contiguous float32 array (B, 3, S, S).
 - `expand_image_inputs(inputs)` turns files, folders (non-recursive) and glob patterns into a list

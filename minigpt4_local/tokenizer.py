@@ -18,7 +18,7 @@ Contract:
   tokenizer has none), `vocab_size` (number of pieces), `id_to_piece(i)`.
 - `load_tokenizer(directory)` picks `tokenizer.model` when present, else `tokenizer.json`; raises
   `TokenizerError` (one line) if neither exists, the file is corrupt, or the library is missing.
-- `derive_stop_sequences(tok)` returns the encodings of `###` (spec section 7): at the start of a segment
+- `derive_stop_sequences(tok)` returns the encodings of `###` (docs/numerics.md §12): at the start of a segment
   (dummy prefix; LLaMA: [835]) and after text (LLaMA: [2277, 29937]), deduplicated, in that order.
 - `stop_sequences_for(prompt_config, tok)`: the model's configured stop sequences, else the derived ones
   (what every decoder and the GPTQ calibration stop on).

@@ -22,7 +22,7 @@ pytest.importorskip("llama_cpp")
 import gguf  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from minigpt4_local.backends._gguf_file import scan_gguf  # noqa: E402
+from minigpt4_local.backends.gguf_file import scan_gguf  # noqa: E402
 from minigpt4_local.backends.llamacpp import LlamaCppDecoder  # noqa: E402
 from minigpt4_local.errors import CheckpointError, ConfigError, ModelDirError, TokenizerError  # noqa: E402
 from minigpt4_local.prompts import StopChecker  # noqa: E402

@@ -1,6 +1,6 @@
 """Caption processing and the stage-2 instruction prompts (torch-free).
 
-Contract (spec section 9):
+Contract (docs/numerics.md §14):
 - `process_caption(text, max_words=50)` is the original stage-1 caption processor: lower-case; each of
   the characters `.!"()*#:;~` becomes a space; every run of two or more whitespace characters becomes
   one space (a single tab/newline is left alone, as in the original); a trailing newline and leading /

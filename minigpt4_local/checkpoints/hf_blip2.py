@@ -11,7 +11,7 @@ Contract:
 - Keys: HF's vision_model already matches ours; `self_attn.qkv.bias` may be stored fused or (older
   transformers) as `self_attn.q_bias` + `self_attn.v_bias`: both are accepted and fused. The Q-Former's
   text-only parts (`qformer.embeddings.*`, text FFN `intermediate.*`/`output.*`) are dropped.
-- Leaving "ln_vision" out skips BLIP-2's ln_vision: the Llama-2 variant never loads it (spec §4).
+- Leaving "ln_vision" out skips BLIP-2's ln_vision: the Llama-2 variant never loads it (docs/numerics.md §6).
   Its eps (1e-5) is set by our model, not by this file.
 - A missing directory/index/shard, a corrupt index or shard, or a directory that is not BLIP-2 raises
   `CheckpointError` (one line).
@@ -43,7 +43,7 @@ LN_VISION_PREFIX = "vision_model.post_layernorm."
 HF_BLIP2_RULES = (
     Rule(r"(vision_model\.encoder\.layers\.\d+\.self_attn)\.(q_bias|v_bias)", r"\1.\2"),  # fused later
     Rule(r"vision_model\..+", r"\g<0>"),
-    # Text-input parts some BLIP-2 variants carry; MiniGPT-4 feeds queries only (spec §3).
+    # Text-input parts some BLIP-2 variants carry; MiniGPT-4 feeds queries only (docs/numerics.md §5).
     Rule(r"qformer\.embeddings\..+", IGNORE),
     Rule(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)", IGNORE),
     Rule(r"qformer\..+", r"\g<0>"),
