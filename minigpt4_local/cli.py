@@ -582,15 +582,30 @@ def convert(
 
 @cli.command()
 @click.argument("path", type=click.Path())
-def info(path: str) -> None:
+@click.option(
+    "--memory", is_flag=True, help="Predict the RAM/VRAM a GGUF bundle needs when served by the engine."
+)
+@click.option(
+    "--ctx", type=click.IntRange(16), help="Context per request for --memory (default: the model's)."
+)
+@click.option("--parallel", type=click.IntRange(1, 256), help="Slots for --memory (default: describe's).")
+def info(path: str, memory: bool, ctx: int | None, parallel: int | None) -> None:
     """Show what a model directory or bundle holds."""
     target = resolve_model(path)
     if model_kind(target) == "bundle":
         from .bundle import Bundle
 
+        if memory:
+            from .memory import estimate_memory
+
+            for line in estimate_memory(target, ctx=ctx, parallel=parallel).lines():
+                click.echo(line)
+            return
         bundle = Bundle.open(target, verify=False)
         click.echo(json.dumps(bundle.manifest, indent=2))
         return
+    if memory:
+        raise MiniGPT4Error(f"--memory predicts a GGUF bundle's needs; {target} is a model directory")
     from .config import load_config
 
     config = load_config(target / "config.json")

