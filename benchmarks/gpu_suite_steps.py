@@ -76,7 +76,7 @@ def _on_gpu(ctx: Ctx) -> bool:
 
 
 def _threads(ctx: Ctx) -> int:
-    from minigpt4_local.backends._llama_ctx import default_threads
+    from minigpt4_local.backends.llama_ctx import default_threads
 
     return int(ctx.get("threads") or default_threads())
 
@@ -323,23 +323,24 @@ def _timed_describes(pipeline: Any, ctx: Ctx, n_new: int) -> tuple[dict[str, Any
             "generate_tok_s": round(statistics.median(rates), 2)}, ids  # fmt: skip
 
 
-def _predicted_memory(ctx: Ctx, n_ctx: int) -> dict[str, Any]:
-    """What `minigpt4 info BUNDLE --memory --ctx N --parallel 1` predicts (the project's one estimator),
-    as its JSON when it offers `--json`, else its text; `{"unavailable": reason}` when this build has none."""
-    import subprocess
+MEMORY_PREDICTION_TOLERANCE = 0.30  # |measured / predicted - 1| on a GPU at 7B, where the weights dominate
 
-    base = [sys.executable, "-m", "minigpt4_local.cli", "info", ctx["bundle"], "--memory", "--ctx", str(n_ctx),
-            "--parallel", "1"]  # fmt: skip
-    for extra in (["--json"], []):
-        done = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, check=False)
-        if done.returncode == 0 and done.stdout.strip():
-            text = done.stdout.strip()
-            try:
-                return {"json": json.loads(text.splitlines()[-1])} if extra else {"text": text}
-            except ValueError:
-                return {"text": text}
-    reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-    return {"unavailable": reason[:200]}
+
+def _predicted_memory(ctx: Ctx, n_ctx: int, vision_on_gpu: bool) -> dict[str, Any]:
+    """`minigpt4 info BUNDLE --memory --ctx N --parallel 1` (minigpt4_local.memory, the project's one
+    estimator): bytes predicted for the device the measurement covers (a GPU: the offloaded decoder, plus
+    the ONNX graph when ONNX Runtime runs on CUDA; the CPU: everything)."""
+    from minigpt4_local.memory import estimate_memory
+
+    est = estimate_memory(ctx["bundle"], ctx=n_ctx, parallel=1)
+    device = est.decoder + (est.vision if vision_on_gpu else 0) if _on_gpu(ctx) else est.total
+    return {
+        "bytes": device,
+        "weights": est.weights,
+        "kv": est.kv,
+        "compute": est.compute,
+        "vision": est.vision,
+    }
 
 
 def step_describe_bundle(ctx: Ctx) -> dict[str, Any]:
@@ -368,14 +369,15 @@ def step_describe_bundle(ctx: Ctx) -> dict[str, Any]:
         goal = 6.5
         checks.append(_check("bundle peak GPU memory (7B Q4_K_M, ctx 2048)", round(memory.used_gb, 3),
                              f"<= {goal} GB (goal)", memory.used_gb <= goal))  # fmt: skip
-    predicted = _predicted_memory(ctx, n_ctx)
-    metrics["predicted_memory"] = predicted
-    summary = predicted.get("unavailable") or " ".join(
-        str(predicted.get("json", predicted.get("text"))).split()
-    )
-    rows.append(
-        _row(f"predicted memory, ctx {n_ctx}", "minigpt4 info --memory", "see note", "", summary[:160])
-    )
+    predicted = _predicted_memory(ctx, n_ctx, vision_on_gpu=providers[0] != "CPUExecutionProvider")
+    ratio = memory.used_gb * 1e9 / predicted["bytes"]
+    metrics["predicted_memory"] = {**predicted, "measured_over_predicted": round(ratio, 3)}
+    rows.append(_row(f"predicted {'GPU' if gpu else 'RAM'} memory, ctx {n_ctx}", "minigpt4 info --memory",
+                     round(predicted["bytes"] / 1e9, 3), "GB", f"measured / predicted {ratio:.2f}"))  # fmt: skip
+    if gpu and ctx["shape"] == "7b":
+        tol = MEMORY_PREDICTION_TOLERANCE
+        checks.append(_check("info --memory prediction vs measured (NVML)", f"ratio {ratio:.2f}",
+                             f"within {tol:.0%}", abs(ratio - 1) <= tol))  # fmt: skip
     return {"rows": rows, "checks": checks, "metrics": metrics, "outputs": {"bundle_ids": ids}}
 
 
