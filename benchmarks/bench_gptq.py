@@ -53,12 +53,16 @@ def _smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
+def default_model_dirs(work: Path) -> tuple[Path, Path]:
+    return work / "smollm2-hf", work / "smollm2-gptq-4bit-g64"
+
+
 def build_default_models(work: Path) -> tuple[Path, Path]:
     """SmolLM2 as an HF directory and its GPTQ copy (cached under `work`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    hf_dir, gptq_dir = work / "smollm2-hf", work / "smollm2-gptq-4bit-g64"
+    hf_dir, gptq_dir = default_model_dirs(work)
     if not (hf_dir / "config.json").is_file():
         gguf = _smollm2_gguf()
         print(f"building {hf_dir} from {gguf.name} (transformers GGUF loader, ~40 s)", file=sys.stderr)
@@ -257,13 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="Run every backend this many times (medians).")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "minigpt4-local" / "bench-gptq")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.build_only:
+        build_default_models(args.work)
+        return 0
     if args.hf_dir is None or args.gptq_dir is None:
         args.work.mkdir(parents=True, exist_ok=True)
-        args.hf_dir, args.gptq_dir = build_default_models(args.work)
+        # Built in a child process: Linux carries a process's peak RSS over fork + exec, so models built
+        # in this process would show up as every worker's peak memory.
+        built = subprocess.run(
+            [sys.executable, __file__, "--build-only", "--work", str(args.work)], check=False
+        )
+        if built.returncode != 0:
+            raise SystemExit(f"building the default models under {args.work} failed (see above)")
+        args.hf_dir, args.gptq_dir = default_model_dirs(args.work)
     backends = ["torch"] + [f"gptq:{k.strip()}" for k in args.kernels.split(",") if k.strip()]
     runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
     for round_index in range(args.rounds):  # alternate the order: the machine's load drifts over time
