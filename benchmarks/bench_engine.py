@@ -163,7 +163,7 @@ def main() -> None:
     for n in levels:
         r = image_rows[n]
         print(
-            f"{n:>8} {r['images_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} {str(r['identical_to_parallel_1']):>8} "
+            f"{n:>8} {r['images_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} {r['identical_to_parallel_1']!s:>8} "
             f"{r['rss_mib']:>8.0f} {r['kv_mib_per_slot']:>11.2f}"
         )
     print(f"best parallel {best_n}: {speedup:.2f}x the images/s of parallel {levels[0]}")

@@ -100,8 +100,8 @@ def _engine_options(f: Any) -> Any:
         click.option(
             "--parallel",
             type=click.IntRange(1, 256),
-            help="Answers decoded together (GGUF bundles: one batched llama.cpp context; default 8, "
-            "measured fastest on a 2-core CPU). The torch and GPTQ decoders run one at a time.",
+            help="Answers decoded together (GGUF bundles: one batched llama.cpp context; default 4, "
+            "see README). The torch and GPTQ decoders run one at a time.",
         ),
         click.option(
             "--image-cache-mb",
@@ -189,6 +189,12 @@ def _sampling_from(pipeline: Any, opts: dict[str, Any]) -> Any:
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _print_now(text: str) -> None:
+    """Streamed answer text: shown at once."""
+    click.echo(text, nl=False)
+    sys.stdout.flush()
 
 
 def _err(message: str) -> None:
@@ -382,13 +388,13 @@ class _DescribeRun:
                         raise
                     failures += 1
                     _err(str(exc))
-                    record = {"image": str(path.resolve()), "question": self.question, "error": str(exc)}
-                    self._write(record, as_json, out_file)
+                    error_row = {"image": str(path.resolve()), "question": self.question, "error": str(exc)}
+                    self._write(error_row, as_json, out_file)
                     if progress:
                         progress.advance(0)
                     continue
                 total = self.ended.pop(index, time.perf_counter()) - start
-                record = {
+                record: dict[str, Any] = {
                     "image": str(path.resolve()),
                     "question": self.question,
                     "answer": answer.text,
@@ -399,7 +405,7 @@ class _DescribeRun:
                     "model": self.engine.name,
                 }
                 if not self._write(record, as_json, out_file):
-                    click.echo() if stream else click.echo(answer.text)
+                    click.echo("" if stream else answer.text)
                 if progress:
                     progress.advance(len(answer.token_ids))
         finally:
@@ -533,7 +539,7 @@ def chat(image: str | None, **opts: Any) -> None:
             _err("add an image first: /image PATH")
             continue
         try:
-            session.ask(line, options, lambda s: (click.echo(s, nl=False), sys.stdout.flush()))
+            session.ask(line, options, _print_now)
         except MiniGPT4Error as exc:
             _err(str(exc))
             continue
