@@ -207,7 +207,7 @@ def _err(message: str) -> None:
 # Commands of the tool folders (export/, quantize/, train/), imported only when one of them runs (or
 # `--help` lists them), so the core never imports its tools at import time: name -> (module, attribute).
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "eval-demo": ("minigpt4_local.train.demo_cli", "eval_demo_command"),
+    "eval-demo": ("minigpt4_local.train.demo.cli", "eval_demo_command"),
     "export": ("minigpt4_local.export.cli", "export_group"),
     "quantize": ("minigpt4_local.quantize.cli", "quantize_group"),
     "serve": ("minigpt4_local.server.cli", "serve_command"),

@@ -24,7 +24,7 @@ from PIL import Image
 
 from minigpt4_local.bundle import Bundle
 from minigpt4_local.config import PromptConfig
-from minigpt4_local.demo_bundle import demo_bundle_path
+from minigpt4_local.demo import demo_bundle_path
 from minigpt4_local.prompts import image_prompt
 from minigpt4_local.server.app import create_app
 from minigpt4_local.server.errors import APIError

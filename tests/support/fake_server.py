@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from minigpt4_local.bundle import Bundle
-from minigpt4_local.demo_bundle import demo_bundle_path
+from minigpt4_local.demo import demo_bundle_path
 from minigpt4_local.errors import ModelDirError
 from minigpt4_local.server.run import serve
 from minigpt4_local.server.settings import ServerSettings
