@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .distributed.options import ray_options, ray_requested
 from .errors import MiniGPT4Error
 from .loader import MODEL_ENV, LoadOptions, NoModelError, load_pipeline, model_kind, resolve_model
 
@@ -174,6 +175,7 @@ def cli() -> None:
 @click.option(
     "--stream/--no-stream", default=None, help="Print tokens as they arrive (default: on a terminal)."
 )
+@ray_options
 def describe(
     images: tuple[str, ...],
     question: str,
@@ -182,7 +184,13 @@ def describe(
     stream: bool | None,
     **opts: Any,
 ) -> None:
-    """Describe IMAGES (files, folders or glob patterns)."""
+    """Describe IMAGES (files, folders or glob patterns; with --ray also .tar shards and Parquet tables)."""
+    if ray_requested(opts):
+        from .distributed.job import run_ray_describe
+
+        return run_ray_describe(
+            images, question, {**opts, "as_json": as_json, "jsonl_path": jsonl_path, "stream": stream}
+        )
     from .image import expand_image_inputs, load_image
 
     paths = expand_image_inputs(images)

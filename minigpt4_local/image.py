@@ -7,6 +7,8 @@ Contract:
   `minigpt4_local.errors.ImageError` with one line naming the path and the problem; it never hangs
   (the path is `stat`-ed and opened non-blocking before anything reads it) and never decodes a
   half image (Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at its default, False).
+- `load_image_bytes(data, name)` does the same for an encoded image held in memory (a webdataset
+  member, a Parquet cell): the same size limits, decoder and checks; `name` only labels the error.
 - `preprocess(images, image_size)` does what the original does (spec section 8): `.convert("RGB")`,
   PIL bicubic resize (antialiased) to (S, S), /255, `(x - mean) / std`, all in float32 like
   torchvision's `ToTensor` + `Normalize`. It returns a C-contiguous float32 array (B, 3, S, S).
@@ -17,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import glob
+import io
 import os
 import stat
 import warnings
@@ -32,10 +35,12 @@ from .errors import ImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "check_encoded_size",
     "expand_image_inputs",
     "is_image_path",
     "load_and_preprocess",
     "load_image",
+    "load_image_bytes",
     "preprocess",
 ]
 
@@ -133,16 +138,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_encoded_size(path: str | os.PathLike, size: int, max_file_bytes: int) -> None:
+    """ImageError unless an encoded image of `size` bytes is non-empty and within `max_file_bytes`."""
+    if size == 0:
+        raise _fail(path, "the file is empty")
+    if size > max_file_bytes:
+        raise _fail(path, f"the file is {size} bytes, more than the limit of {max_file_bytes} bytes")
+
+
 def _check_regular_file(path: str | os.PathLike, st: os.stat_result, max_file_bytes: int) -> None:
     for is_kind, kind in _FILE_KINDS:
         if is_kind(st.st_mode):
             raise _fail(path, f"it is {kind}, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise _fail(path, "it is not a regular file")
-    if st.st_size == 0:
-        raise _fail(path, "the file is empty")
-    if st.st_size > max_file_bytes:
-        raise _fail(path, f"the file is {st.st_size} bytes, more than the limit of {max_file_bytes} bytes")
+    check_encoded_size(path, st.st_size, max_file_bytes)
 
 
 def _os_problem(err: OSError) -> str:
@@ -226,6 +236,23 @@ def load_image(
             raise
         except Exception as err:  # untrusted input: any decoder failure is the file's fault
             raise _fail(path, _decode_problem(err)) from None
+
+
+def load_image_bytes(
+    data: bytes | bytearray | memoryview,
+    name: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> Image.Image:
+    """`load_image` for an encoded image in memory; `name` (e.g. `shard.tar#key`) labels errors."""
+    check_encoded_size(name, len(data), max_file_bytes)
+    try:
+        return _decode(io.BytesIO(data), name, max_pixels)
+    except ImageError:
+        raise
+    except Exception as err:  # untrusted input: any decoder failure is the data's fault
+        raise _fail(name, _decode_problem(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------

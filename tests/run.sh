@@ -12,7 +12,7 @@ pins=.ci/constraints.txt
 python -m pip install -q -c "$pins" "torch==2.13.0"
 # llama-cpp-python builds llama.cpp from source (~10 min on 2 cores; pip caches the wheel).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=off}"
-python -m pip install -q -c "$pins" -e ".[torch,export,onnx,gguf,train,dev]"
+python -m pip install -q -c "$pins" -e ".[torch,export,onnx,gguf,train,ray,dev]"
 # GPTQModel: an sdist; the torch pin keeps pip on 7.6 (7.7 wants torch>=2.14.1, a multi-GB CUDA build),
 # and on 2 cores it needs two CPU workers.
 export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}"
