@@ -68,7 +68,53 @@ def open_pipeline(opts: dict[str, Any]) -> Any:
     return load_pipeline(path, load_options(opts))
 
 
+def open_engine(opts: dict[str, Any]) -> Any:
+    """`--model` (or its fallbacks) + the engine flags → an Engine owning the loaded pipeline."""
+    from .engine import Engine
+
+    pipeline = open_pipeline(opts)
+    try:
+        return Engine(
+            pipeline,
+            parallel=opts.get("parallel") or _default_parallel(),
+            image_cache_mb=opts.get("image_cache_mb", 256.0),
+            own=True,
+        )
+    except BaseException:
+        close = getattr(getattr(pipeline.decoder, "decoder", None), "close", None)
+        if callable(close):
+            close()
+        raise
+
+
+def _default_parallel() -> int:
+    from .engine import DEFAULT_PARALLEL
+
+    return DEFAULT_PARALLEL
+
+
 # ----- shared options ---------------------------------------------------------------------------
+
+
+def _engine_options(f: Any) -> Any:
+    options = [
+        click.option(
+            "--parallel",
+            type=click.IntRange(1, 256),
+            help="Answers decoded together (GGUF bundles: one batched llama.cpp context; default 8, "
+            "measured fastest on a 2-core CPU). The torch and GPTQ decoders run one at a time.",
+        ),
+        click.option(
+            "--image-cache-mb",
+            type=click.FloatRange(0),
+            default=256.0,
+            show_default=True,
+            help="Memory for cached image embeddings (the same picture is encoded once; 0 disables).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 def _model_options(f: Any) -> Any:
@@ -175,6 +221,21 @@ def cli() -> None:
 @click.option(
     "--stream/--no-stream", default=None, help="Print tokens as they arrive (default: on a terminal)."
 )
+@_engine_options
+@click.option(
+    "--json-schema",
+    "json_schema_path",
+    type=click.Path(dir_okay=False),
+    help="Constrain every answer to JSON valid for this JSON-schema file (llama.cpp decoder only).",
+)
+@click.option(
+    "--format",
+    "answer_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: constrain every answer to a JSON object (llama.cpp decoder only).",
+)
 @ray_options
 def describe(
     images: tuple[str, ...],
@@ -182,19 +243,29 @@ def describe(
     as_json: bool,
     jsonl_path: str | None,
     stream: bool | None,
+    json_schema_path: str | None,
+    answer_format: str,
     **opts: Any,
 ) -> None:
-    """Describe IMAGES (files, folders or glob patterns; with --ray also .tar shards and Parquet tables)."""
+    """Describe IMAGES (files, folders or glob patterns; with --ray also .tar shards and Parquet tables).
+
+    Many images are described together: a GGUF bundle decodes --parallel answers in one batch
+    (continuous batching) while the vision encoder works through the next images; results come out in
+    the input order. The torch and GPTQ decoders describe one image at a time.
+    """
+    from .grammar import ANY_JSON_OBJECT, load_schema
+
+    schema = load_schema(json_schema_path) if json_schema_path else None
+    if schema is None and answer_format == "json":
+        schema = ANY_JSON_OBJECT
     if ray_requested(opts):
         from .distributed.job import run_ray_describe
 
-        return run_ray_describe(
-            images, question, {**opts, "as_json": as_json, "jsonl_path": jsonl_path, "stream": stream}
-        )
+        flags = {"as_json": as_json, "jsonl_path": jsonl_path, "stream": stream, "json_schema": schema}
+        return run_ray_describe(images, question, {**opts, **flags})
     from .image import expand_image_inputs, load_image
 
     paths = expand_image_inputs(images)
-    done: set[str] = set()
     if jsonl_path:
         done = _read_done(Path(jsonl_path))
         paths = [p for p in paths if str(p.resolve()) not in done]
@@ -202,59 +273,139 @@ def describe(
             click.echo(f"minigpt4: all images are already in {jsonl_path}", err=True)
             return
     preloaded = {0: load_image(paths[0])} if len(paths) == 1 else {}  # fail fast, before a model loads
-    pipeline = open_pipeline(opts)
-    options = _sampling_from(pipeline, opts)
-    if stream is None:
-        stream = sys.stdout.isatty() and not as_json and not jsonl_path
-    if options.num_beams > 1:
-        stream = False
-    failures = 0
-    out_file = _open_jsonl(Path(jsonl_path)) if jsonl_path else None
-    progress = _progress(len(paths)) if jsonl_path else None
+    engine = open_engine(opts)
     try:
-        for index, path in enumerate(paths):
-            if len(paths) > 1 and not as_json and not out_file:
-                click.echo(("\n" if index else "") + f"== {path} ==")
-            try:
-                image = preloaded.pop(index, None) or load_image(path)
-                on_text = (lambda s: (click.echo(s, nl=False), sys.stdout.flush())) if stream else None
-                start = time.perf_counter()
-                answer = pipeline.describe(image, question, options, on_text)
-                total = time.perf_counter() - start
-            except MiniGPT4Error as exc:
-                if len(paths) == 1:
-                    raise
-                failures += 1
-                _err(str(exc))
-                continue
-            record = {
-                "image": str(path.resolve()),
-                "question": question,
-                "answer": answer.text,
-                "token_ids": answer.token_ids,
-                "prompt_tokens": answer.prompt_tokens,
-                "timings": {**answer.timings, "total_s": round(total, 4)},
-                "model": pipeline.name,
-            }
-            if out_file:
-                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out_file.flush()
-                os.fsync(out_file.fileno())
-            elif as_json:
-                click.echo(json.dumps(record, ensure_ascii=False))
-            elif stream:
-                click.echo()
-            else:
-                click.echo(answer.text)
-            if progress:
-                progress.advance()
+        options = _sampling_from(engine, opts)
+        if schema is not None and not engine.can_constrain:
+            raise MiniGPT4Error(
+                f"--json-schema / --format json need the llama.cpp (GGUF) decoder; {engine.name} cannot constrain"
+            )
+        if stream is None:
+            stream = sys.stdout.isatty() and not as_json and not jsonl_path
+        if options.num_beams > 1:
+            stream = False
+        run = _DescribeRun(engine, paths, question, options, schema, preloaded, load_image)
+        failures = run.write_all(as_json, jsonl_path, stream)
     finally:
-        if progress:
-            progress.close()
-        if out_file:
-            out_file.close()
+        engine.close()
     if failures:
         raise MiniGPT4Error(f"{failures} of {len(paths)} images failed (see the lines above)")
+
+
+class _DescribeRun:
+    """The images of one `describe`, in input order: loaded and submitted ahead (a bounded window),
+    written one by one as the oldest finishes."""
+
+    def __init__(
+        self,
+        engine: Any,
+        paths: list[Path],
+        question: str,
+        options: Any,
+        schema: dict | None,
+        preloaded: dict[int, Any],
+        load_image: Any,
+    ) -> None:
+        from .prompts import image_prompt
+
+        self.engine, self.paths, self.question, self.options = engine, paths, question, options
+        self.schema, self.preloaded, self.load_image = schema, preloaded, load_image
+        self.prompt = image_prompt(engine.config.prompt, question)
+        self.ended: dict[int, float] = {}
+
+    def _submit(self, index: int) -> tuple[Any, float]:
+        """Load image `index` and hand it to the engine (runs on a loader thread)."""
+        image = self.preloaded.pop(index, None) or self.load_image(self.paths[index])
+        start = time.perf_counter()
+        job = self.engine.submit(
+            self.prompt,
+            [image],
+            self.options,
+            json_schema=self.schema,
+            on_done=lambda _job: self.ended.__setitem__(index, time.perf_counter()),
+        )
+        return job, start
+
+    def write_all(self, as_json: bool, jsonl_path: str | None, stream: bool) -> int:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths, single = self.paths, len(self.paths) == 1
+        out_file = _open_jsonl(Path(jsonl_path)) if jsonl_path else None
+        progress = _progress(len(paths)) if jsonl_path else None
+        # Enough submitted ahead to keep every slot and the vision batch busy, never the whole folder.
+        ahead = 2 * self.engine.parallel + 8
+        failures = 0
+        window: deque[tuple[int, Any]] = deque()
+        loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="minigpt4-load")
+        try:
+            following = iter(range(len(paths)))
+            while True:
+                while len(window) < ahead:
+                    index = next(following, None)
+                    if index is None:
+                        break
+                    window.append((index, loader.submit(self._submit, index)))
+                if not window:
+                    break
+                index, future = window.popleft()
+                path = paths[index]
+                if not single and not as_json and not out_file:
+                    click.echo(("\n" if index else "") + f"== {path} ==")
+                try:
+                    job, start = future.result()
+                    if stream:
+                        for delta in job:
+                            click.echo(delta, nl=False)
+                            sys.stdout.flush()
+                    answer = job.result()
+                except MiniGPT4Error as exc:
+                    if single:
+                        raise
+                    failures += 1
+                    _err(str(exc))
+                    record = {"image": str(path.resolve()), "question": self.question, "error": str(exc)}
+                    self._write(record, as_json, out_file)
+                    if progress:
+                        progress.advance(0)
+                    continue
+                total = self.ended.pop(index, time.perf_counter()) - start
+                record = {
+                    "image": str(path.resolve()),
+                    "question": self.question,
+                    "answer": answer.text,
+                    "token_ids": answer.token_ids,
+                    "prompt_tokens": answer.prompt_tokens,
+                    "finish_reason": answer.finish_reason,
+                    "timings": {**answer.timings, "total_s": round(total, 4)},
+                    "model": self.engine.name,
+                }
+                if not self._write(record, as_json, out_file):
+                    click.echo() if stream else click.echo(answer.text)
+                if progress:
+                    progress.advance(len(answer.token_ids))
+        finally:
+            for _, future in window:
+                future.cancel()
+            loader.shutdown(wait=True, cancel_futures=True)
+            if progress:
+                progress.close()
+            if out_file:
+                out_file.close()
+        return failures
+
+    @staticmethod
+    def _write(record: dict[str, Any], as_json: bool, out_file: Any) -> bool:
+        """JSON/JSONL output of one record; False when neither was asked for."""
+        if out_file:
+            out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out_file.flush()
+            os.fsync(out_file.fileno())
+            return True
+        if as_json:
+            click.echo(json.dumps(record, ensure_ascii=False))
+            return True
+        return False
 
 
 def _open_jsonl(path: Path) -> Any:
@@ -277,13 +428,17 @@ def _read_done(path: Path) -> set[str]:
     with path.open(encoding="utf-8") as fh:
         for line in fh:
             try:
-                done.add(json.loads(line)["image"])
+                row = json.loads(line)
+                if "answer" in row:  # error rows are retried
+                    done.add(row["image"])
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by an interruption: that image is simply redone
     return done
 
 
 class _progress:
+    """The batch progress bar on stderr: images done, images/s and generated tokens/s."""
+
     def __init__(self, total: int) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -292,14 +447,21 @@ class _progress:
             TextColumn("describing"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[rates]}"),
             TimeRemainingColumn(),
             console=Console(stderr=True),
         )
-        self._task = self._p.add_task("describe", total=total)
+        self._task = self._p.add_task("describe", total=total, rates="")
+        self._start = time.perf_counter()
+        self._images = self._tokens = 0
         self._p.start()
 
-    def advance(self) -> None:
-        self._p.advance(self._task)
+    def advance(self, tokens: int = 0) -> None:
+        self._images += 1
+        self._tokens += tokens
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        rates = f"{self._images / elapsed:.2f} img/s {self._tokens / elapsed:.1f} tok/s"
+        self._p.update(self._task, advance=1, rates=rates)
 
     def close(self) -> None:
         self._p.stop()
@@ -403,15 +565,30 @@ def convert(
 
 @cli.command()
 @click.argument("path", type=click.Path())
-def info(path: str) -> None:
+@click.option(
+    "--memory", is_flag=True, help="Predict the RAM/VRAM a GGUF bundle needs when served by the engine."
+)
+@click.option(
+    "--ctx", type=click.IntRange(16), help="Context per request for --memory (default: the model's)."
+)
+@click.option("--parallel", type=click.IntRange(1, 256), help="Slots for --memory (default: describe's).")
+def info(path: str, memory: bool, ctx: int | None, parallel: int | None) -> None:
     """Show what a model directory or bundle holds."""
     target = resolve_model(path)
     if model_kind(target) == "bundle":
         from .bundle import Bundle
 
+        if memory:
+            from .memory import estimate_memory
+
+            for line in estimate_memory(target, ctx=ctx, parallel=parallel).lines():
+                click.echo(line)
+            return
         bundle = Bundle.open(target, verify=False)
         click.echo(json.dumps(bundle.manifest, indent=2))
         return
+    if memory:
+        raise MiniGPT4Error(f"--memory predicts a GGUF bundle's needs; {target} is a model directory")
     from .config import load_config
 
     config = load_config(target / "config.json")

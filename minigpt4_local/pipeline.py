@@ -51,6 +51,7 @@ class Answer:
     token_ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     prompt_tokens: int = 0
+    finish_reason: str = "stop"  # "stop" (EOS / stop sequence) | "length" | "cancelled"
 
 
 class Pipeline:

@@ -208,7 +208,7 @@ def _polisher(opts: dict[str, Any]) -> Any:
     help="Chat format of --polish-gguf.",
 )
 @click.option("--no-polish", is_flag=True, help="Keep the raw descriptions (still filtered).")
-@ray_options(outputs=False)
+@ray_options(outputs=False, parallel=True)
 def make_align_data_command(
     images: tuple[str, ...],
     out: str,
@@ -230,7 +230,7 @@ def make_align_data_command(
         status = "kept" if record.kept else f"dropped ({record.reason})"
         click.echo(f"{record.image_id}: {status}", err=True)
 
-    if ray_requested(opts):  # the describe stage on Ray; polishing and writing stay here
+    if ray_requested(opts, also=("parallel",)):  # the describe stage on Ray; polishing and writing stay here
         from .align_ray import ray_describe_stage
 
         with ray_describe_stage(

@@ -10,8 +10,18 @@ Contract:
   its model). A context keeps its model alive; using a closed object raises `RuntimeError`.
 - `LlamaModel` validates the file with `scan_gguf` first, so a truncated/corrupt GGUF gives a one-line
   `ModelDirError` instead of a llama.cpp abort.
+- `LlamaContext(..., n_seq_max=1, kv_unified=None)`: `n_seq_max` sequences share the context;
+  `kv_unified=False` gives every sequence its own KV stream of `n_ctx / n_seq_max` cells (decoding
+  several sequences together is then bit-identical to decoding each alone), None keeps llama.cpp's
+  default. `n_ctx_seq` is the context one sequence may use.
 - `LlamaBatch(capacity, n_embd=0)` is a token batch (n_embd 0) or an embedding batch, single sequence
-  (id 0); numpy views over its C arrays make filling it cheap.
+  (id 0); numpy views over its C arrays make filling it cheap. `MultiBatch(capacity, n_embd=0)` is the
+  same with a sequence id per row, filled row run by row run (`clear`, `add_tokens`, `add_embeddings`).
+- `ConstrainedSampler(model, options, seed, grammar)` samples under a GBNF grammar the way llama.cpp's
+  own tools do: the unconstrained choice first (argmax for plain greedy, else the sampler chain applied
+  to the logits), checked against the grammar alone; only when the grammar rejects it is the grammar
+  applied to the whole vocabulary and the choice made again. `sample(logits_row)` returns the token (and
+  advances grammar and penalty history) or None when the grammar allows no token at all.
 - `SamplerChain(options, n_vocab, seed)` mirrors transformers' sampling order: repetition penalty, then
   temperature, top-k, top-p, then a seeded draw; greedy keeps the repetition penalty (transformers
   applies it in greedy search too) and takes the argmax.
@@ -155,6 +165,8 @@ class LlamaContext(_Owned):
         n_threads: int,
         kv_type: str = "f16",
         flash_attn: bool | None = None,
+        n_seq_max: int = 1,
+        kv_unified: bool | None = None,
     ) -> None:
         lib = llama_cpp_module()
         if kv_type not in KV_TYPES:
@@ -164,7 +176,11 @@ class LlamaContext(_Owned):
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq_max
+        if kv_unified is not None:
+            if not hasattr(params, "kv_unified"):
+                raise ConfigError("this llama.cpp build cannot choose the KV-cache layout (kv_unified)")
+            params.kv_unified = kv_unified
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.type_k = params.type_v = KV_TYPES[kv_type]
@@ -177,6 +193,9 @@ class LlamaContext(_Owned):
         self.memory = lib.llama_get_memory(ptr)
         self.n_ctx = int(lib.llama_n_ctx(ptr))
         self.n_batch = int(lib.llama_n_batch(ptr))
+        self.n_seq_max = int(lib.llama_n_seq_max(ptr))
+        seq_ctx = getattr(lib, "llama_n_ctx_seq", None)
+        self.n_ctx_seq = int(seq_ctx(ptr)) if seq_ctx is not None else self.n_ctx // max(1, n_seq_max)
 
 
 class LlamaBatch(_Owned):
@@ -235,6 +254,54 @@ class LlamaBatch(_Owned):
         self._set_positions(n, start, all_logits, last_logits)
 
 
+class MultiBatch(LlamaBatch):
+    """A llama_batch whose rows carry their own sequence id: runs of rows are appended per sequence."""
+
+    _what = "llama.cpp batch"
+
+    def clear(self) -> None:
+        self._require_open()
+        self.batch.n_tokens = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.batch.n_tokens)
+
+    @property
+    def room(self) -> int:
+        return self.capacity - int(self.batch.n_tokens)
+
+    def _append(self, n: int, start: int, seq: int, last_logits: bool) -> int:
+        """Positions, sequence ids and output flags for `n` new rows; returns the first row's index."""
+        first = int(self.batch.n_tokens)
+        end = first + n
+        if end > self.capacity:
+            raise RuntimeError(f"batch overflow: {end} rows for a capacity of {self.capacity}")
+        self.pos[first:end] = np.arange(start, start + n, dtype=np.int32)
+        self.logits[first:end] = 0
+        if last_logits:
+            self.logits[end - 1] = 1
+        seq_ids = self.batch.seq_id
+        for i in range(first, end):
+            seq_ids[i][0] = seq
+        self.batch.n_tokens = end
+        return first
+
+    def add_tokens(self, ids: np.ndarray, start: int, seq: int, last_logits: bool) -> int:
+        """Append token rows of sequence `seq` at positions start..; returns the last row's index."""
+        self._require_open()
+        first = self._append(len(ids), start, seq, last_logits)
+        self.token[first : first + len(ids)] = ids
+        return first + len(ids) - 1
+
+    def add_embeddings(self, rows: np.ndarray, start: int, seq: int, last_logits: bool) -> int:
+        """Append (n, n_embd) float32 rows of sequence `seq`; returns the last row's index."""
+        self._require_open()
+        first = self._append(rows.shape[0], start, seq, last_logits)
+        self.embd[first : first + rows.shape[0]] = rows
+        return first + rows.shape[0] - 1
+
+
 def _build_chain(lib: Any, options: SamplingOptions, n_vocab: int, seed: int) -> Any:
     """Samplers in transformers' order (see module docstring); each `add` hands ownership to the chain."""
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
@@ -261,6 +328,16 @@ def _build_chain(lib: Any, options: SamplingOptions, n_vocab: int, seed: int) ->
     return chain
 
 
+def grammar_sampler(model: LlamaModel, grammar: str, root: str = "root") -> Any:
+    """A llama.cpp grammar sampler for a GBNF text (`ConfigError` when llama.cpp refuses the grammar).
+    The caller owns it (free it with llama_sampler_free)."""
+    lib = llama_cpp_module()
+    ptr = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), root.encode("utf-8"))
+    if not ptr:
+        raise ConfigError("llama.cpp could not parse the grammar (set MINIGPT4_LLAMA_LOG=1 to see why)")
+    return ptr
+
+
 class SamplerChain(_Owned):
     _what = "llama.cpp sampler"
 
@@ -269,6 +346,85 @@ class SamplerChain(_Owned):
         self._lib = lib
         self._own(_build_chain(lib, options, n_vocab, seed), lib.llama_sampler_free)
 
-    def sample(self, ctx: LlamaContext) -> int:
-        """Sample from the last output row of `ctx` and record the token (penalty history)."""
-        return int(self._lib.llama_sampler_sample(self.handle, ctx.handle, -1))
+    def sample(self, ctx: LlamaContext, index: int = -1) -> int:
+        """Sample from output row `index` of `ctx` (-1: the last) and record the token (penalty
+        history)."""
+        return int(self._lib.llama_sampler_sample(self.handle, ctx.handle, index))
+
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+
+
+class ConstrainedSampler:
+    """Grammar-constrained sampling with the cheap check first (see the module docstring)."""
+
+    def __init__(self, model: LlamaModel, options: SamplingOptions, seed: int, grammar: str) -> None:
+        lib = llama_cpp_module()
+        self._lib = lib
+        self._grammar = _Handle(grammar_sampler(model, grammar), lib.llama_sampler_free)
+        plain_greedy = not options.do_sample and options.repetition_penalty == 1.0
+        self._chain = (
+            None
+            if plain_greedy
+            else _Handle(_build_chain(lib, options, model.n_vocab, seed), lib.llama_sampler_free)
+        )
+        n = model.n_vocab
+        self._all = np.zeros(n, dtype=_TOKEN_DATA)
+        self._all["id"] = np.arange(n, dtype=np.int32)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._arrays = {
+            "all": self._array(self._all),
+            "one": self._array(self._one),
+        }
+
+    def _array(self, data: np.ndarray) -> Any:
+        lib = self._lib
+        pointer = ctypes.cast(data.ctypes.data, ctypes.POINTER(lib.llama_token_data))
+        return lib.llama_token_data_array(pointer, len(data), -1, False)
+
+    def _apply(self, sampler: Any, which: str, data: np.ndarray) -> Any:
+        array = self._arrays[which]
+        array.size, array.selected, array.sorted = len(data), -1, False
+        self._lib.llama_sampler_apply(sampler, ctypes.byref(array))
+        return array
+
+    def _choose(self, logits: np.ndarray | None) -> int:
+        """The unconstrained choice from `self._all` (refilled from `logits` unless None)."""
+        if logits is not None:
+            self._all["id"] = np.arange(len(self._all), dtype=np.int32)
+            self._all["logit"] = logits
+            self._all["p"] = 0.0
+        if self._chain is None:
+            return int(self._all["id"][int(np.argmax(self._all["logit"]))])
+        array = self._apply(self._chain.handle, "all", self._all)
+        return int(self._all["id"][array.selected])
+
+    def sample(self, logits: np.ndarray) -> int | None:
+        token = self._choose(logits)
+        self._one[0] = (token, logits[token], 0.0)
+        self._apply(self._grammar.handle, "one", self._one)
+        if not np.isfinite(self._one["logit"][0]):
+            # Rejected: mask the whole vocabulary with the grammar, then choose again.
+            self._all["id"] = np.arange(len(self._all), dtype=np.int32)
+            self._all["logit"] = logits
+            self._all["p"] = 0.0
+            self._apply(self._grammar.handle, "all", self._all)
+            if not np.isfinite(self._all["logit"]).any():
+                return None
+            token = self._choose(None)
+        self._lib.llama_sampler_accept(self._grammar.handle, token)
+        if self._chain is not None:
+            self._lib.llama_sampler_accept(self._chain.handle, token)
+        return token
+
+    def close(self) -> None:
+        for handle in (self._grammar, self._chain):
+            if handle is not None:
+                handle.close()
+
+
+class _Handle(_Owned):
+    _what = "llama.cpp sampler"
+
+    def __init__(self, handle: Any, release: Callable[[Any], None]) -> None:
+        self._own(handle, release)

@@ -110,6 +110,10 @@ class LlamaCppDecoder:
         if verbose:
             set_llama_log(True)
         self.seed = seed
+        # Kept so that another context on the same model (the engine's) is built the same way.
+        self.n_threads = n_threads or default_threads()
+        self.kv_type = kv_type
+        self.flash_attn = flash_attn
         self._model = LlamaModel(gguf_path, n_gpu_layers)
         try:
             want_ctx = int(n_ctx or self._model.n_ctx_train)
@@ -117,7 +121,7 @@ class LlamaCppDecoder:
                 self._model,
                 want_ctx,
                 min(n_batch, want_ctx),
-                n_threads or default_threads(),
+                self.n_threads,
                 kv_type,
                 flash_attn,
             )
@@ -141,6 +145,17 @@ class LlamaCppDecoder:
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.close()
+
+    def release_context(self) -> None:
+        """Free the single-sequence context and its batches, keep the model and its vocabulary (the
+        engine decodes in a context of its own on this model); prefill/generate raise afterwards."""
+        for name in ("_embds", "_tokens", "_ctx"):
+            getattr(self, name).close()
+        self.prefix.clear()
+
+    @property
+    def model(self) -> LlamaModel:
+        return self._model
 
     def __enter__(self) -> LlamaCppDecoder:
         return self
@@ -197,7 +212,7 @@ class LlamaCppDecoder:
 
     def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
         """llama.cpp tokenization; BOS only if `add_bos` and the vocabulary adds one."""
-        self._check_open()
+        self._check_model()
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         for _ in range(2):
@@ -209,7 +224,7 @@ class LlamaCppDecoder:
         raise MiniGPT4Error("llama.cpp tokenization failed")
 
     def token_bytes(self, token_id: int, special: bool = False) -> bytes:
-        self._check_open()
+        self._check_model()
         buf = self._piece_buf  # reused: this runs once per generated token
         n = self._lib.llama_token_to_piece(self._model.vocab, token_id, buf, len(buf), 0, special)
         if n < 0:
@@ -218,7 +233,7 @@ class LlamaCppDecoder:
         return buf.raw[:n]
 
     def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
-        self._check_open()
+        self._check_model()
         arr = (ctypes.c_int32 * max(len(ids), 1))(*ids)
         cap = 8 * len(ids) + 16
         for _ in range(2):
@@ -299,6 +314,10 @@ class LlamaCppDecoder:
                     raise PromptError(f"token id outside the vocabulary (0..{self.n_vocab - 1})")
                 out.append(ids)
         return out
+
+    def _check_model(self) -> None:
+        if self._model.closed:
+            raise RuntimeError("the llama.cpp decoder is closed")
 
     def _check_open(self) -> None:
         if self._ctx.closed:

@@ -172,6 +172,10 @@ def _read_shard(unit: dict[str, Any], skip: Collection[str], max_file_bytes: int
                 check_encoded_size(item_id, size, max_file_bytes)
                 handle.seek(offset)
                 data = handle.read(size)
+                if len(data) != size:
+                    raise ImageError(
+                        f"cannot load image {item_id}: the shard ends inside it (truncated shard)"
+                    )
             except ImageError as err:
                 yield _row(item_id, error=str(err))
                 continue
@@ -244,13 +248,15 @@ def _plan_table(
         count = meta.row_group(group).num_rows
         for start in range(0, count, rows):
             stop = min(count, start + rows)
-            if id_column is None and skip:  # ids are row numbers: done ranges are skipped unread
-                done = sum(f"{source}#{first + n}" in skip for n in range(start, stop))
-                plan.skipped += done
-                if done == stop - start:
+            done: list[int] = []
+            if id_column is None and skip:  # ids are row numbers: done rows are known here
+                done = [n for n in range(start, stop) if f"{source}#{first + n}" in skip]
+                plan.skipped += len(done)
+                if len(done) == stop - start:
                     continue
             plan.units.append(
                 {
+                    "skip_rows": done,
                     "kind": "table",
                     "source": source,
                     "row_group": group,
@@ -294,15 +300,16 @@ def _read_table(unit: dict[str, Any], skip: Collection[str]) -> Iterator[ItemRow
         group = group.slice(start, stop - start)
     except (OSError, ValueError) as err:
         problem = f"cannot read Parquet file {source} (row group {unit['row_group']}): {_one_line(err)}"
+        done = set(unit.get("skip_rows", ()))
         for n in range(start, stop):
-            if id_column is None and f"{source}#{first + n}" in skip:
-                continue
-            yield _row(f"{source}#{first + n}", error=problem)
+            if n not in done:
+                yield _row(f"{source}#{first + n}", error=problem)
         return
     ids = group.column(id_column).to_pylist() if id_column else [None] * group.num_rows
+    done = set(unit.get("skip_rows", ()))
     for n, (key, value) in enumerate(zip(ids, group.column(column).to_pylist(), strict=True)):
         item_id = f"{source}#{first + start + n}" if key is None else str(key)
-        if item_id in skip:
+        if start + n in done or item_id in skip:
             continue
         path, data = _cell_image(value, unit["image_kind"], source)
         if not path and not data:

@@ -5,21 +5,24 @@ Contract (imports ray; reached only through `--ray` or the public API of `minigp
   RAY_ADDRESS or started by `ray start` here, else a new local one; `local`: a new local one; else an
   address), quietly (no dashboard, no progress bars, worker logs kept off the terminal). Returns True when
   it initialised Ray (the caller then shuts it down), False when Ray was already initialised.
-- `read_inputs(inputs, image_column=None, id_column=None, skip=()) -> (Dataset, InputPlan)`: a Ray
-  Dataset of item rows (`id`, `path`, `image`, `error`; see inputs.py) read by tasks that reserve no CPU
-  (reading is I/O; decoding happens in the actors), ids in `skip` left out.
+- `read_inputs(inputs, image_column=None, id_column=None, skip=(), rows_per_unit=16) -> (Dataset,
+  InputPlan)`: a Ray Dataset of item rows (`id`, `path`, `image`, `error`; see inputs.py), one read unit
+  per block, read by tasks that reserve no CPU, ids in `skip` left out.
 - `describe_dataset(data, model, *, question, greedy, sampling, load_options, parallel, actors,
-  cpus_per_actor, gpus_per_actor, batch_size, continue_prompt, continue_below) -> Dataset`: `data` is a
-  Dataset with an `id` (or `path`) column and an image as `image` (bytes or decoded array) or `path`, or
-  a list of inputs for `read_inputs`. Lazily maps it through a pool of `actors` `CaptionWorker`s
-  (worker.py: each loads the model once and runs the engine with `parallel` slots) and returns the
-  result Dataset (`result_schema` columns). Actors restart and their tasks are retried when they die
-  (`max_restarts=-1`, `max_task_retries=-1`), so a killed actor loses no rows and repeats none. llama.cpp
-  threads default to the CPUs an actor reserves.
+  cpus_per_actor, gpus_per_actor, batch_size, continue_prompt, continue_below, json_schema,
+  image_cache_mb) -> Dataset`: `data` is a list of inputs for `read_inputs`, or a Dataset of your own
+  with an `id` (or `path`) column and the image as `image` (encoded bytes, or a decoded array as
+  `ray.data.read_images` gives) or `path`; an actor takes a whole block per call, so such a Dataset
+  should come in blocks of about `batch_size` rows. Lazily maps the rows through a pool of `actors`
+  `CaptionWorker`s (worker.py: each loads the model once and runs the engine with `parallel` slots) and
+  returns the result Dataset (`result_schema` columns). Actors restart and their tasks are retried when
+  they die (Ray Data's defaults for actor pools, `max_restarts=-1`, `max_task_retries=-1`), so a killed
+  actor loses no rows and repeats none. llama.cpp threads default to the CPUs an actor reserves.
 - `run_describe_job(inputs, out, *, fmt, …, progress) -> JobSummary`: exactly-once results in `out`:
   stale temporary parts are removed, ids already committed are skipped, results stream to the driver
   and are committed as atomically renamed part files (parts.py), and an id reaching the driver twice is
   committed once. Killing the driver loses at most the uncommitted rows; a re-run completes the job.
+  `progress(summary, rows)` is called after each batch that reaches the driver.
 - `run_ray_describe(images, question, opts)`: the `describe --ray` command (flags in options.py); prints
   progress lines on stderr and a JSON summary on stdout. Bad images are error rows and exit status 0.
 """
@@ -202,6 +205,8 @@ def describe_dataset(
     batch_size: int | None = None,
     continue_prompt: str | None = None,
     continue_below: int = 0,
+    json_schema: dict[str, Any] | None = None,
+    image_cache_mb: float = 0.0,
 ) -> Any:
     """The result Dataset of describing every row of `data` (see the module docstring)."""
     ray = _ray()
@@ -218,11 +223,13 @@ def describe_dataset(
         sampling={"greedy": greedy, **(sampling or {})},
         continue_prompt=continue_prompt,
         continue_below=continue_below,
+        json_schema=json_schema,
+        image_cache_mb=image_cache_mb,
     )
     size = actors or default_actors(cpus_per_actor, gpus_per_actor)
     rows = batch_size or default_batch_size(parallel)
     # Ray Data's actor pools restart dead actors and retry their tasks by default (max_restarts=-1,
-    # max_task_retries=-1); tests/test_distributed.py kills an actor mid-run to hold it to that.
+    # max_task_retries=-1); tests/test_distributed_ray.py kills an actor mid-run to hold it to that.
     return data.map_batches(
         CaptionWorker,
         fn_constructor_args=(spec,),
@@ -236,10 +243,8 @@ def describe_dataset(
 
 def default_batch_size(parallel: int | None) -> int:
     """Rows per actor call: twice the engine's slots, so the slots stay full across a batch's tail."""
-    try:
-        from ..engine import DEFAULT_PARALLEL
-    except ImportError:  # TEMPORARY until the engine lands
-        DEFAULT_PARALLEL = 1
+    from ..engine import DEFAULT_PARALLEL
+
     return DEFAULT_BATCH_PER_SLOT * (parallel or DEFAULT_PARALLEL)
 
 
@@ -265,7 +270,7 @@ class JobSummary:
         return asdict(self)
 
 
-Progress = Callable[[JobSummary], None]
+Progress = Callable[[JobSummary, Any], None]  # (the counts so far, the rows just committed or buffered)
 
 
 def run_describe_job(
@@ -311,7 +316,7 @@ def run_describe_job(
             summary.duplicates, summary.parts = writer.duplicates, len(writer.parts)
             _timing(summary, started)
             if progress is not None:
-                progress(summary)
+                progress(summary, kept)
     except Exception as err:
         raise _one_line(err) from None
     finally:
@@ -393,7 +398,7 @@ class _ProgressLines:
         self.every = every
         self.last = time.perf_counter()
 
-    def __call__(self, s: JobSummary) -> None:
+    def __call__(self, s: JobSummary, _rows: Any = None) -> None:
         now = time.perf_counter()
         if now - self.last < self.every:
             return
@@ -438,6 +443,8 @@ def run_ray_describe(images: Sequence[str], question: str, opts: dict[str, Any])
             sampling=overrides,
             load_options=load_options(opts),
             parallel=opts.get("parallel"),
+            json_schema=opts.get("json_schema"),
+            image_cache_mb=opts.get("image_cache_mb") or 0.0,
             actors=opts.get("actors"),
             cpus_per_actor=cpus,
             gpus_per_actor=opts.get("gpus_per_actor") or 0.0,

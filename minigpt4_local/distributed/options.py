@@ -2,10 +2,12 @@
 
 Contract:
 - `ray_options(f)` adds to a click command: `--ray auto|local|ADDRESS` (given alone: auto), `--actors N`,
-  `--cpus-per-actor C`, `--gpus-per-actor F`, `--parallel N` (engine slots per actor), `--batch-size N`;
-  `ray_options(f, outputs=True)` also `--out DIR`, `--format parquet|jsonl`, `--image-column NAME`,
-  `--id-column NAME`, `--rows-per-part N`.
-- `ray_requested(opts) -> bool`: True with `--ray`; a Ray-only flag without `--ray` is a `click.UsageError`.
+  `--cpus-per-actor C`, `--gpus-per-actor F`, `--batch-size N`, and the outputs of a job: `--out DIR`,
+  `--out-format parquet|jsonl`, `--image-column NAME`, `--id-column NAME`, `--rows-per-part N` (the
+  engine's `--parallel`, slots per actor, is `describe`'s own flag). `ray_options(outputs=False,
+  parallel=True)` leaves out the outputs and adds `--parallel` (for `train make-align-data`).
+- `ray_requested(opts, also=()) -> bool`: True with `--ray`; a Ray-only flag (and the option names in
+  `also`) without `--ray` is a `click.UsageError`.
 - `--ray` values: `auto` (the cluster named by RAY_ADDRESS or started with `ray start` on this machine,
   else a new local one), `local` (always a new local Ray on this machine), or a cluster address
   (`HOST:PORT` of the head's GCS, or `ray://HOST:PORT` for Ray Client); anything else is refused at once,
@@ -29,10 +31,9 @@ RAY_ONLY_FLAGS = {
     "actors": "--actors",
     "cpus_per_actor": "--cpus-per-actor",
     "gpus_per_actor": "--gpus-per-actor",
-    "parallel": "--parallel",
     "batch_size": "--batch-size",
     "out": "--out",
-    "out_format": "--format",
+    "out_format": "--out-format",
     "image_column": "--image-column",
     "id_column": "--id-column",
     "rows_per_part": "--rows-per-part",
@@ -51,8 +52,8 @@ def _check_address(_ctx: Any, _param: Any, value: str | None) -> str | None:
     return value
 
 
-def ray_options(f: Callable[..., Any] | None = None, *, outputs: bool = True) -> Any:
-    """Add the Ray flags to a click command (usable as `@ray_options` or `@ray_options(outputs=False)`)."""
+def ray_options(f: Callable[..., Any] | None = None, *, outputs: bool = True, parallel: bool = False) -> Any:
+    """Add the Ray flags to a click command (`@ray_options`, or `@ray_options(outputs=False, …)`)."""
 
     def add(func: Callable[..., Any]) -> Any:
         options = [
@@ -65,28 +66,28 @@ def ray_options(f: Callable[..., Any] | None = None, *, outputs: bool = True) ->
                 callback=_check_address,
                 help="Run on Ray: auto (a running cluster, else a local one), local, or HOST:PORT.",
             ),
-            click.option("--actors", type=click.IntRange(1), help="Ray actors (default: as many as fit)."),
+            click.option("--actors", type=click.IntRange(1), help="--ray: actors (default: as many as fit)."),
             click.option(
                 "--cpus-per-actor",
                 type=click.FloatRange(0, min_open=True),
-                help="CPUs each actor reserves (default 1; also its llama.cpp threads).",
+                help="--ray: CPUs each actor reserves (default 1; also its llama.cpp threads).",
             ),
             click.option(
                 "--gpus-per-actor",
                 type=click.FloatRange(0),
-                help="GPUs each actor reserves, e.g. 1 or 0.5 to share one (default 0).",
+                help="--ray: GPUs each actor reserves, e.g. 1 or 0.5 to share one (default 0).",
             ),
-            click.option("--parallel", type=click.IntRange(1), help="Engine slots per actor."),
-            click.option("--batch-size", type=click.IntRange(1), help="Images per actor call."),
+            click.option("--batch-size", type=click.IntRange(1), help="--ray: images per actor call."),
         ]
+        if parallel:
+            options.append(click.option("--parallel", type=click.IntRange(1), help="Engine slots per actor."))
         if outputs:
             options += [
                 click.option(
                     "--out", type=click.Path(file_okay=False), help="--ray: folder for the result parts."
                 ),
                 click.option(
-                    "--format",
-                    "out_format",
+                    "--out-format",
                     type=click.Choice(["parquet", "jsonl"]),
                     help="--ray: part file format (default parquet).",
                 ),
@@ -105,11 +106,13 @@ def ray_options(f: Callable[..., Any] | None = None, *, outputs: bool = True) ->
     return add(f) if f is not None else add
 
 
-def ray_requested(opts: dict[str, Any]) -> bool:
+def ray_requested(opts: dict[str, Any], also: tuple[str, ...] = ()) -> bool:
     """True when `--ray` was given; Ray-only flags without it are a usage error."""
     if opts.get("ray"):
         return True
-    given = [flag for name, flag in RAY_ONLY_FLAGS.items() if opts.get(name) is not None]
+    flags = {**RAY_ONLY_FLAGS, **{name: "--" + name.replace("_", "-") for name in also}}
+    given = [flag for name, flag in flags.items() if opts.get(name) is not None]
     if given:
-        raise click.UsageError(f"{', '.join(given)} only apply with --ray")
+        verb = "applies" if len(given) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(given)} only {verb} with --ray")
     return False

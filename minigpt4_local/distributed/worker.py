@@ -3,7 +3,7 @@
 Contract (Ray-free, torch-free on a bundle; one instance per Ray actor, usable alone):
 - `DescribeSpec`: the model (as `--model`: a path every node can read, or `demo`), `LoadOptions`, the
   engine's `parallel` slots, the question, sampling overrides (`greedy`, `max_new_tokens`, …, as
-  `Engine.sampling`), and for stage-2 data generation `continue_prompt` / `continue_below` (the
+  `Engine.sampling`), an optional JSON schema every answer must satisfy, and for stage-2 data generation `continue_prompt` / `continue_below` (the
   "Continue" rule of train/align_data.py: a second turn in the same conversation when the first answer has
   at most `continue_below` generated tokens; the texts are joined by a space).
 - `CaptionWorker(spec)` opens the engine once (`open_engine`); `worker(batch) -> pyarrow.Table` takes a
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageError, MiniGPT4Error
+from ..errors import ConfigError, ImageError, MiniGPT4Error
 from ..image import load_image, load_image_bytes
 from ..loader import LoadOptions
 
@@ -51,65 +51,21 @@ class DescribeSpec:
     sampling: dict[str, Any] = field(default_factory=dict)  # Engine.sampling(**sampling)
     continue_prompt: str | None = None
     continue_below: int = 0
+    json_schema: dict[str, Any] | None = None  # constrain every answer (the engine's json_schema)
+    image_cache_mb: float = 0.0  # dataset images rarely repeat: no embedding cache by default
 
 
 def open_engine(spec: DescribeSpec) -> Any:
-    """The engine this worker runs (see minigpt4_local.engine)."""
-    try:
-        from ..engine import DEFAULT_PARALLEL, Engine
-    except ImportError:  # TEMPORARY until the engine branch is merged: a sequential stand-in
-        return _PipelineEngine(spec)
+    """The engine this worker runs (minigpt4_local.engine)."""
+    from ..engine import DEFAULT_PARALLEL, Engine
+
     return Engine.open(
-        spec.model, spec.load_options, parallel=spec.parallel or DEFAULT_PARALLEL, announce=lambda _line: None
+        spec.model,
+        spec.load_options,
+        parallel=spec.parallel or DEFAULT_PARALLEL,
+        image_cache_mb=spec.image_cache_mb,
+        announce=lambda _line: None,
     )
-
-
-class _DoneJob:
-    def __init__(self, answer: Any) -> None:
-        self._answer = answer
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._answer
-
-
-class _PipelineEngine:
-    """TEMPORARY stand-in for minigpt4_local.engine.Engine (the calls used here), one request at a time."""
-
-    def __init__(self, spec: DescribeSpec) -> None:
-        from ..loader import load_pipeline, resolve_model
-
-        self.pipeline = load_pipeline(resolve_model(spec.model), spec.load_options)
-        self.name = self.pipeline.name
-        self.parallel = 1
-
-    def sampling(self, greedy: bool = False, **overrides: object) -> Any:
-        return self.pipeline.sampling(greedy=greedy, **overrides)
-
-    def new_conversation(self) -> Any:
-        from ..prompts import new_conversation
-
-        return new_conversation(self.pipeline.config.prompt)
-
-    def submit(self, prompt: str, images: Sequence[Any], options: Any, on_done: Any = None) -> _DoneJob:
-        from ..pipeline import Answer
-        from ..prompts import postprocess
-        from ..stitching import plan_prompt
-
-        p = self.pipeline
-        start = time.perf_counter()
-        embeds = p.vision.encode_images(list(images))
-        encoded = time.perf_counter()
-        plan = plan_prompt(prompt, p.tokenizer, p.config, options.max_new_tokens)
-        ids = p.decoder.generate(plan, embeds, options, p.stop, None)
-        done = time.perf_counter()
-        timings = {"encode_s": encoded - start, "generate_s": done - encoded, "new_tokens": len(ids)}
-        job = _DoneJob(Answer(postprocess(p.tokenizer.decode(ids)), ids, timings, plan.total_length))
-        if on_done is not None:
-            on_done(job)
-        return job
-
-    def close(self) -> None:
-        pass
 
 
 def result_schema(spec: DescribeSpec) -> Any:
@@ -177,6 +133,9 @@ class CaptionWorker:
     def __init__(self, spec: DescribeSpec) -> None:
         self.spec = spec
         self.engine = open_engine(spec)
+        if spec.json_schema is not None and not self.engine.can_constrain:
+            self.engine.close()
+            raise ConfigError(f"a JSON schema needs the llama.cpp (GGUF) decoder; {self.engine.name} cannot")
         self.options = self.engine.sampling(**spec.sampling)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.schema = result_schema(spec)
@@ -233,7 +192,13 @@ class CaptionWorker:
         def done(_job: Any) -> None:
             item.done_at = time.perf_counter()
 
-        return self.engine.submit(item.conversation.prompt(), [item.image], self.options, on_done=done)
+        return self.engine.submit(
+            item.conversation.prompt(),
+            [item.image],
+            self.options,
+            json_schema=self.spec.json_schema,
+            on_done=done,
+        )
 
     def _turn(self, items: Sequence[_Item], question: str) -> None:
         """One question to every item still without an error; all submitted before any is awaited."""
