@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt4_local.backends._llama_ctx import default_threads
+from minigpt4_local.backends.llama_ctx import default_threads
 from minigpt4_local.backends.llamacpp import LlamaCppDecoder
 from minigpt4_local.sampling import SamplingOptions
 

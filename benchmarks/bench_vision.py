@@ -92,7 +92,8 @@ def make_backends(
     import torch
 
     from minigpt4_local.backends.onnx_vision import OnnxVisionEncoder
-    from minigpt4_local.export.onnx_vision import export_fp32_graph, export_vision_model
+    from minigpt4_local.export.onnx_graph import export_fp32_graph
+    from minigpt4_local.export.vision_export import export_vision_model
 
     backends: dict[str, tuple[str, Callable[[np.ndarray], Any]]] = {}
     accuracy: dict[str, Any] = {}
@@ -132,7 +133,7 @@ def make_backends(
 def bench_config(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from minigpt4_local.export.onnx_vision import verification_pixels
+    from minigpt4_local.export.onnx_verify import verification_pixels
     from minigpt4_local.model import MiniGPT4
 
     cfg = build_config(name)

@@ -62,7 +62,7 @@ def onnx_command(
         TimeElapsedColumn,
     )
 
-    from .onnx_vision import export_onnx
+    from .vision_export import export_onnx
 
     console = Console(stderr=True)
     columns = (

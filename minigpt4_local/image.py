@@ -9,7 +9,7 @@ Contract:
   half image (Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at its default, False).
 - `load_image_bytes(data, name)` does the same for an encoded image held in memory (a webdataset
   member, a Parquet cell): the same size limits, decoder and checks; `name` only labels the error.
-- `preprocess(images, image_size)` does what the original does (spec section 8): `.convert("RGB")`,
+- `preprocess(images, image_size)` does what the original does (docs/numerics.md §2): `.convert("RGB")`,
   PIL bicubic resize (antialiased) to (S, S), /255, `(x - mean) / std`, all in float32 like
   torchvision's `ToTensor` + `Normalize`. It returns a C-contiguous float32 array (B, 3, S, S).
 - `expand_image_inputs(inputs)` turns files, folders (non-recursive) and glob patterns into a list

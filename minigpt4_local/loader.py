@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .bundle import MANIFEST_NAME, Bundle
 from .config import MiniGPT4Config, load_config
 from .errors import MiniGPT4Error, ModelDirError
-from .tokenizer import check_vocab, derive_stop_sequences, load_tokenizer
+from .tokenizer import check_vocab, load_tokenizer, stop_sequences_for
 
 if TYPE_CHECKING:
     from .pipeline import Decoder, Pipeline, VisionEncoder
@@ -323,7 +323,7 @@ def load_pipeline(path: str | Path, options: LoadOptions | None = None) -> Pipel
             f"{built.hidden_size}"
         )
     check_vocab(tokenizer, built.vocab_size)
-    stops = config.prompt.stop_sequences or derive_stop_sequences(tokenizer)
+    stops = stop_sequences_for(config.prompt, tokenizer)
     title = source.bundle.name if source.bundle is not None else config.name
     return Pipeline(config, tokenizer, vision, built.decoder, stops, name=f"{title} ({built.label})")
 

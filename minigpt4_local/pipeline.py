@@ -27,8 +27,9 @@ from .streaming import TextStream
 class VisionEncoder(Protocol):
     name: str
 
-    def encode_images(self, images: Sequence[Any]) -> list[Any]:
-        """PIL images → one (n_img, hidden) array per image (numpy or torch)."""
+    def encode_images(self, images: Sequence[Any]) -> Any:
+        """PIL images → one (n_img, hidden) array per image (a list, or one (B, n_img, hidden) array;
+        numpy or torch)."""
 
 
 class Decoder(Protocol):
@@ -124,16 +125,11 @@ class ChatSession:
         self.conversation.ask(question)
         plan = plan_prompt(self.conversation.prompt(), p.tokenizer, p.config, options.max_new_tokens)
         stream = TextStream(p.tokenizer.decode) if on_text is not None else None
-
-        def on_token(token_id: int) -> None:
-            chunk = stream.push(token_id)
-            if chunk:
-                on_text(chunk)
-
+        on_token = _text_forwarder(stream, on_text) if stream is not None and on_text is not None else None
         start = time.perf_counter()
-        ids = p.decoder.generate(plan, self.image_embeds, options, p.stop, on_token if stream else None)
+        ids = p.decoder.generate(plan, self.image_embeds, options, p.stop, on_token)
         elapsed = time.perf_counter() - start
-        if stream is not None:
+        if stream is not None and on_text is not None:
             tail = stream.finish()
             if tail:
                 on_text(tail)
@@ -147,3 +143,14 @@ class ChatSession:
         }
         self.encode_seconds = 0.0
         return Answer(text=text, token_ids=ids, timings=timings, prompt_tokens=plan.total_length)
+
+
+def _text_forwarder(stream: TextStream, on_text: Callable[[str], None]) -> Callable[[int], None]:
+    """Token ids → the text they complete (streaming rules of `TextStream`) → `on_text`."""
+
+    def on_token(token_id: int) -> None:
+        chunk = stream.push(token_id)
+        if chunk:
+            on_text(chunk)
+
+    return on_token

@@ -1,6 +1,6 @@
 """Prompt templates, conversations, answer post-processing and stop rules (torch-free).
 
-Contract (spec sections 6–7, byte-exact with the original demo):
+Contract (docs/numerics.md §10–12, byte-exact with the original demo):
 - `TEMPLATES[name]` for `vicuna_v0` (Oct 2023), `vicuna_v0_april` (April 2023) and `llama2`; a prompt
   renders as `system + sep` followed, for each message, by `role_prefix + message + sep`, and ends
   with the open assistant turn. Single turn:

@@ -1,6 +1,6 @@
 """Stitch plan: where text tokens and image embeddings go in the LLM's input sequence (array-agnostic).
 
-Contract (spec section 6, the original `get_context_emb`):
+Contract (docs/numerics.md §11, the original `get_context_emb`):
 - `build_plan(prompt, tokenizer, num_image_tokens)` splits the prompt on `<ImageHere>` and tokenizes
   every text segment separately (BOS only on the first; each segment gets the tokenizer's own prefix
   handling, i.e. the "▁" dummy prefix of the legacy LLaMA tokenizer). The result is an ordered list of
@@ -194,7 +194,7 @@ def stitch(
     plan: StitchPlan,
     embed_tokens: Callable[[list[int]], Any],
     image_embeds: Sequence[Any],
-    concat: Callable[[Sequence[Any]], Any] | None = None,
+    concat: Callable[[list[Any]], Any] | None = None,
 ) -> Any:
     """Interleave text embeddings and image rows into one (plan.total_length, hidden) array."""
     pieces = [embed_tokens(s) if isinstance(s, list) else s for s in plan_segments(plan, image_embeds)]

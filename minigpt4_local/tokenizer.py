@@ -18,21 +18,23 @@ Contract:
   tokenizer has none), `vocab_size` (number of pieces), `id_to_piece(i)`.
 - `load_tokenizer(directory)` picks `tokenizer.model` when present, else `tokenizer.json`; raises
   `TokenizerError` (one line) if neither exists, the file is corrupt, or the library is missing.
-- `derive_stop_sequences(tok)` returns the encodings of `###` (spec section 7): at the start of a segment
+- `derive_stop_sequences(tok)` returns the encodings of `###` (docs/numerics.md §12): at the start of a segment
   (dummy prefix; LLaMA: [835]) and after text (LLaMA: [2277, 29937]), deduplicated, in that order.
+- `stop_sequences_for(prompt_config, tok)`: the model's configured stop sequences, else the derived ones
+  (what every decoder and the GPTQ calibration stop on).
 - `check_vocab(tok, llm_vocab_size)` raises `TokenizerError` when the tokenizer does not fit the LLM's
   embedding rows (more pieces than rows, or more than `MAX_EXTRA_ROWS` unused rows).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import DependencyError, TokenizerError
+from .files import read_json_object
 
 SP_MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -159,16 +161,6 @@ def _special_token_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise TokenizerError(f"{path} is not valid JSON ({err})") from err
-    return data if isinstance(data, dict) else {}
-
-
 class HFTokenizersTokenizer:
     """A `tokenizer.json` tokenizer (BPE, e.g. SmolLM2) through the `tokenizers` library."""
 
@@ -185,8 +177,8 @@ class HFTokenizersTokenizer:
             raise TokenizerError(f"{path} is not a readable tokenizer.json ({err})") from err
         self.path = path
         self._n = self._tok.get_vocab_size(with_added_tokens=True)
-        config = _read_json(root / "tokenizer_config.json")
-        special_map = _read_json(root / "special_tokens_map.json")
+        config = read_json_object(root / "tokenizer_config.json", TokenizerError, allow_missing=True)
+        special_map = read_json_object(root / "special_tokens_map.json", TokenizerError, allow_missing=True)
         ids = {
             key: self._token_id(
                 _special_token_text(config.get(key)) or _special_token_text(special_map.get(key))
@@ -291,6 +283,12 @@ def derive_stop_sequences(tok: Tokenizer) -> list[list[int]]:
     if not stops:
         raise TokenizerError("the tokenizer cannot encode '###', the stop marker of the prompt template")
     return stops
+
+
+def stop_sequences_for(prompt_config: Any, tok: Tokenizer) -> list[list[int]]:
+    """`prompt_config.stop_sequences` when set, else `derive_stop_sequences(tok)`."""
+    configured = [list(seq) for seq in prompt_config.stop_sequences]
+    return configured or derive_stop_sequences(tok)
 
 
 def check_vocab(tok: Tokenizer, llm_vocab_size: int) -> None:

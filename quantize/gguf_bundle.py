@@ -95,7 +95,7 @@ def _quality(
 
 
 def _bos_if_added(gguf_path: Path) -> int | None:
-    from minigpt4_local.backends._gguf_file import scan_gguf
+    from minigpt4_local.backends.gguf_file import scan_gguf
 
     meta = scan_gguf(gguf_path).metadata
     add = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
@@ -106,7 +106,7 @@ def _bos_if_added(gguf_path: Path) -> int | None:
 def _ensure_tokenizer(bundle: Any, llm_dir: Path) -> None:
     if bundle.has_part("tokenizer"):
         return
-    from minigpt4_local.export.onnx_vision import copy_tokenizer
+    from minigpt4_local.export.vision_export import copy_tokenizer
 
     copy_tokenizer(llm_dir, bundle)
 
@@ -128,7 +128,7 @@ def export_gguf(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Build the bundle's `llm` part (see module docstring); returns the part's manifest entry."""
-    from minigpt4_local.backends._gguf_file import scan_gguf
+    from minigpt4_local.backends.gguf_file import scan_gguf
     from minigpt4_local.bundle import Bundle
     from minigpt4_local.checkpoints.model_dir import read_model_config
 

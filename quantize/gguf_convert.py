@@ -19,7 +19,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from minigpt4_local.errors import CheckpointError, ConfigError, TokenizerError
+from minigpt4_local.files import read_json_object
 
 from .safetensors_np import SafetensorsIndex
 
@@ -99,15 +99,6 @@ class GGUFConversion:
 
 # --------------------------------------------------------------------------------------------------
 # config
-
-
-def _read_json(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: missing") from None
-    except (OSError, ValueError) as err:
-        raise error(f"{path}: not valid JSON ({err})") from None
 
 
 @dataclass
@@ -216,7 +207,7 @@ def _added_tokens_spm(llm_dir: Path, tok_cfg: dict[str, Any]) -> dict[int, tuple
     added: dict[int, tuple[str, bool]] = {}
     path = llm_dir / "added_tokens.json"
     if path.is_file():
-        for content, idx in _read_json(path, TokenizerError).items():
+        for content, idx in read_json_object(path, TokenizerError).items():
             added[int(idx)] = (content, False)
     for idx, info in (tok_cfg.get("added_tokens_decoder") or {}).items():
         added[int(idx)] = (info["content"], bool(info.get("special", False)))
@@ -281,7 +272,7 @@ def _pre_signature(pre: dict[str, Any] | None) -> tuple[str, ...]:
 def _bpe_tokenizer(llm_dir: Path, tok_cfg: dict[str, Any], hf_cfg: dict[str, Any]) -> TokenizerMeta:
     import gguf
 
-    data = _read_json(llm_dir / "tokenizer.json", TokenizerError)
+    data = read_json_object(llm_dir / "tokenizer.json", TokenizerError)
     model = data.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise TokenizerError(
@@ -332,8 +323,8 @@ def read_tokenizer(llm_dir: str | Path, n_vocab: int) -> TokenizerMeta:
     """The tokenizer of an HF LLaMA directory as GGUF token tables, padded to `n_vocab` rows."""
     llm_dir = Path(llm_dir)
     cfg_path = llm_dir / "tokenizer_config.json"
-    tok_cfg = _read_json(cfg_path, TokenizerError) if cfg_path.is_file() else {}
-    hf_cfg = _read_json(llm_dir / "config.json")
+    tok_cfg = read_json_object(cfg_path, TokenizerError) if cfg_path.is_file() else {}
+    hf_cfg = read_json_object(llm_dir / "config.json")
     if (llm_dir / "tokenizer.model").is_file():
         meta = _spm_tokenizer(llm_dir, tok_cfg)
     elif (llm_dir / "tokenizer.json").is_file():
@@ -470,7 +461,7 @@ def convert_hf_llama_to_gguf(
         raise ConfigError(f"unknown GGUF output type {out_type!r}; choose one of {', '.join(GGUF_OUT_TYPES)}")
     if not llm_dir.is_dir():
         raise CheckpointError(f"{llm_dir}: LLaMA directory not found")
-    hp = LlamaHParams.from_config(_read_json(llm_dir / "config.json"), llm_dir)
+    hp = LlamaHParams.from_config(read_json_object(llm_dir / "config.json"), llm_dir)
     index = SafetensorsIndex(llm_dir)
     if "model.embed_tokens.weight" not in index:
         raise CheckpointError(f"{llm_dir}: no model.embed_tokens.weight (not a LlamaForCausalLM checkpoint?)")

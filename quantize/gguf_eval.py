@@ -215,8 +215,8 @@ def stitched_prompt_agreement(
     from minigpt4_local.checkpoints.model_dir import load_model_dir
     from minigpt4_local.config import load_config
     from minigpt4_local.image import preprocess
-    from minigpt4_local.prompts import Conversation, get_template
-    from minigpt4_local.stitching import build_plan, stitch
+    from minigpt4_local.prompts import image_prompt
+    from minigpt4_local.stitching import build_plan, plan_segments, stitch
     from minigpt4_local.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
@@ -231,14 +231,8 @@ def stitched_prompt_agreement(
     results = []
     with LlamaCppDecoder(gguf_path, n_ctx=cfg.prompt.max_context + n_new, n_threads=n_threads) as dec:
         for question, emb in zip(questions, image_embeds, strict=True):
-            conv = Conversation(get_template(cfg.prompt.template, cfg.prompt.system))
-            conv.add_image()
-            conv.ask(question)
-            plan = build_plan(conv.prompt(), tokenizer, cfg.num_image_tokens)
-            parts = [
-                list(p.ids) if hasattr(p, "ids") else emb[p.first_row : p.first_row + p.length]
-                for p in plan.parts
-            ]
+            plan = build_plan(image_prompt(cfg.prompt, question), tokenizer, cfg.num_image_tokens)
+            parts = plan_segments(plan, [emb])
             with torch.inference_mode():
                 embeds = stitch(
                     plan, lambda ids: model.embed_tokens(torch.tensor(ids)).float().numpy(), [emb]

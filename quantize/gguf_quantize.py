@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt4_local.backends._gguf_file import scan_gguf
-from minigpt4_local.backends._llama_ctx import default_threads, llama_cpp_module
+from minigpt4_local.backends.gguf_file import scan_gguf
+from minigpt4_local.backends.llama_ctx import default_threads, llama_cpp_module
 from minigpt4_local.errors import ConfigError, DependencyError, ModelDirError
 
 # User-facing type name -> llama.cpp file type constant (llama_cpp.LLAMA_FTYPE_*).

@@ -57,6 +57,7 @@ from minigpt4_local.backends.gptq_backend import (
     require_gptq_runtime,
 )
 from minigpt4_local.config import LLMConfig, MiniGPT4Config
+from minigpt4_local.devices import default_precision, resolve_device, torch_dtype
 from minigpt4_local.errors import ConfigError, MiniGPT4Error, ModelDirError
 
 from .gptq_calibration import (
@@ -192,7 +193,7 @@ class _Job:
 
     def __init__(self, model_dir: Path, settings: GptqSettings, progress: Progress | None) -> None:
         from minigpt4_local.checkpoints.model_dir import read_model_config
-        from minigpt4_local.tokenizer import check_vocab, derive_stop_sequences, load_tokenizer
+        from minigpt4_local.tokenizer import check_vocab, load_tokenizer, stop_sequences_for
 
         self.model_dir = model_dir
         self.llm_dir = model_dir / "llm"
@@ -206,14 +207,10 @@ class _Job:
         settings.check(self.config.llm)
         self.tokenizer = load_tokenizer(self.llm_dir)
         check_vocab(self.tokenizer, self.config.llm.vocab_size)
-        self.stops = self.config.prompt.stop_sequences or derive_stop_sequences(self.tokenizer)
+        self.stops = stop_sequences_for(self.config.prompt, self.tokenizer)
         self.torch, self.gptqmodel = require_gptq_runtime()
-        self.device = settings.device or ("cuda" if self.torch.cuda.is_available() else "cpu")
-        dtypes = {"fp32": self.torch.float32, "fp16": self.torch.float16, "bf16": self.torch.bfloat16}
-        cuda = self.device.startswith("cuda")
-        self.dtype = (
-            dtypes[settings.dtype] if settings.dtype else (self.torch.float16 if cuda else self.torch.float32)
-        )
+        self.device = resolve_device(settings.device)
+        self.dtype = torch_dtype(settings.dtype or default_precision(self.device))
         self.qmodel: Any = None
         self._vision: Any = None
 
@@ -262,7 +259,7 @@ class _Job:
 
     def answer(self, sample: Sample) -> list[int]:
         """The full-precision model's greedy answer to an open prompt (the runtime's stop rule)."""
-        from minigpt4_local.generation import generate_from_embeds
+        from minigpt4_local.backends.torch_generation import generate_from_embeds
         from minigpt4_local.prompts import StopChecker
         from minigpt4_local.sampling import SamplingOptions
 

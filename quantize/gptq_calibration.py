@@ -35,8 +35,8 @@ from typing import Any, TypeVar
 
 from minigpt4_local.config import MiniGPT4Config
 from minigpt4_local.errors import ConfigError
-from minigpt4_local.prompts import Conversation, get_template
-from minigpt4_local.stitching import ImagePart, StitchPlan, TextPart, build_plan, stitch
+from minigpt4_local.prompts import image_prompt
+from minigpt4_local.stitching import StitchPlan, build_plan, plan_segments, stitch
 
 __all__ = [
     "QUESTIONS",
@@ -219,14 +219,13 @@ class PromptBuilder:
         embeds = stitch(plan, self.embed_tokens, [image], torch.cat)  # (T, hidden)
         ids: list[int] = []
         targets: list[int | None] = []
-        for part in plan.parts:
-            if isinstance(part, TextPart):
-                ids.extend(part.ids)
-                targets.extend(part.ids)
-            elif isinstance(part, ImagePart):
-                rows = image[part.first_row : part.first_row + part.length]
-                ids.extend(filler_ids(rows, self.config.llm.vocab_size))
-                targets.extend([None] * part.length)
+        for segment in plan_segments(plan, [image]):
+            if isinstance(segment, list):  # text ids
+                ids.extend(segment)
+                targets.extend(segment)
+            else:  # image rows
+                ids.extend(filler_ids(segment, self.config.llm.vocab_size))
+                targets.extend([None] * len(segment))
         return Sample(ids, targets, embeds, kind)
 
     def _plan(self, prompt: str) -> StitchPlan:
@@ -237,10 +236,7 @@ class PromptBuilder:
 
     def prompt(self, image: Any, question: str) -> Sample:
         """The open prompt (system, image, question, `Assistant:` turn) the decoder will answer."""
-        conv = Conversation(get_template(self.config.prompt.template, self.config.prompt.system))
-        conv.add_image()
-        conv.ask(question)
-        return self._sample(self._plan(conv.prompt()), image, "image")
+        return self._sample(self._plan(image_prompt(self.config.prompt, question)), image, "image")
 
     def with_answer(self, sample: Sample, answer_ids: Sequence[int]) -> Sample:
         """`sample` followed by answer tokens (e.g. the reference model's own answer)."""
@@ -261,9 +257,5 @@ class PromptBuilder:
 
     def captioned(self, image: Any, question: str, caption: str) -> Sample:
         """A finished turn: the caption rendered as the assistant's message after the image prompt."""
-        conv = Conversation(get_template(self.config.prompt.template, self.config.prompt.system))
-        conv.add_image()
-        conv.ask(question)
-        conv.add_answer(caption.strip())
-        text = conv.template.render(conv.messages)
+        text = image_prompt(self.config.prompt, question, answer=caption.strip())
         return self._sample(self._plan(text), image, "captioned-image")

@@ -1,4 +1,4 @@
-"""Config presets match the spec; JSON round-trips; validation names the offending key."""
+"""Config presets match docs/numerics.md; JSON round-trips; validation names the offending key."""
 
 from __future__ import annotations
 

@@ -22,9 +22,10 @@ pytest.importorskip("llama_cpp")
 import gguf  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from minigpt4_local.backends._gguf_file import scan_gguf  # noqa: E402
+from minigpt4_local.backends.gguf_file import scan_gguf  # noqa: E402
 from minigpt4_local.backends.llamacpp import LlamaCppDecoder  # noqa: E402
 from minigpt4_local.errors import CheckpointError, ConfigError, ModelDirError, TokenizerError  # noqa: E402
+from minigpt4_local.prompts import StopChecker  # noqa: E402
 from minigpt4_local.quantize.gguf_convert import convert_hf_llama_to_gguf, hf_to_llamacpp_rows  # noqa: E402
 from minigpt4_local.quantize.gguf_eval import (  # noqa: E402
     agreement,
@@ -36,6 +37,7 @@ from minigpt4_local.quantize.gguf_eval import (  # noqa: E402
 )
 from minigpt4_local.quantize.gguf_quantize import load_imatrix, quantize_gguf  # noqa: E402
 from minigpt4_local.quantize.safetensors_np import SafetensorsIndex  # noqa: E402
+from minigpt4_local.sampling import SamplingOptions  # noqa: E402
 from tests.support.tiny_tokenizer import make_tiny_bpe_tokenizer_json, make_tiny_sentencepiece  # noqa: E402
 
 TINY = dict(
@@ -185,6 +187,49 @@ def test_f32_greedy_tokens_identical_to_torch(tiny):
     with LlamaCppDecoder(paths["f32"], n_ctx=128, **EXACT) as dec:
         got = llamacpp_greedy(dec, parts, 24)
     assert got == reference
+
+
+def test_rope_base_of_the_checkpoint_is_written_and_used(tmp_path):
+    # SmolLM2 uses rope base 100000, Vicuna 10000: a converter that ignored the config (or hard-coded
+    # 10000) would still pass every test above. The base is written, and llama.cpp's logits match torch
+    # only with the right one (with 10000 they are off by far more than the tolerance at later positions).
+    llm_dir = tmp_path / "llm"
+    model = _save_llama(llm_dir, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
+    make_tiny_sentencepiece(llm_dir, vocab_size=1000)
+    path = convert_hf_llama_to_gguf(llm_dir, tmp_path / "rope.gguf", "f32").path
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert fields["llama.rope.freq_base"] == pytest.approx(100000.0)
+    parts, embeds = _stitched(model, np.random.default_rng(3))
+    ref = _torch_logits(model, embeds)
+    with LlamaCppDecoder(path, n_ctx=128, **EXACT) as dec:
+        assert float(np.abs(dec.prefill(parts, all_logits=True) - ref).max()) < 1e-4
+
+
+def test_decode_loop_stop_rules_on_a_tiny_gguf(tiny):
+    # The decode loop's stop rules, without the SmolLM2 package: a stop sequence ends the answer and is
+    # stripped; EOS ends it (and is stripped) only when stop_on_eos; max_new_tokens caps it.
+    _, _, paths = tiny
+    head = [1, 45, 300, 12, 9]
+    greedy = SamplingOptions(max_new_tokens=24, do_sample=False, repetition_penalty=1.0)
+    no_stop = StopChecker([], eos_id=None, stop_on_eos=False)
+    with LlamaCppDecoder(paths["f32"], n_ctx=128, **EXACT) as dec:
+
+        def run(stop: StopChecker, options: SamplingOptions = greedy) -> list[int]:
+            dec.reset()
+            dec.prefill([head])
+            return dec.generate(options, stop)
+
+        free = run(no_stop)
+        assert len(free) == 24  # nothing stops it before the cap
+        seq = free[3:5]
+        first = next(i for i in range(1, len(free)) if free[i - 1 : i + 1] == seq)
+        assert run(StopChecker([seq], eos_id=None, stop_on_eos=False)) == free[: first - 1]
+        eos = free[6]
+        cut = free.index(eos)
+        assert run(StopChecker([], eos_id=eos, stop_on_eos=True)) == free[:cut]
+        assert run(StopChecker([], eos_id=eos, stop_on_eos=False)) == free  # EOS rule switched off
+        short = SamplingOptions(max_new_tokens=5, do_sample=False, repetition_penalty=1.0)
+        assert run(no_stop, short) == free[:5]
 
 
 def test_quantized_agreement_and_perplexity(tiny, tmp_path):

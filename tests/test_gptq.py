@@ -241,7 +241,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from click.testing import CliRunner
 
     from minigpt4_local.checkpoints.model_dir import save_model_dir
-    from minigpt4_local.export.onnx_vision import export_onnx
+    from minigpt4_local.export.vision_export import export_onnx
     from minigpt4_local.model import MiniGPT4
     from minigpt4_local.quantize.gptq_cli import gptq_command
 
@@ -358,7 +358,7 @@ def test_pipeline_end_to_end_matches_dequantized_reference(tiny: dict[str, Any])
     """ONNX vision → stitched prompt → GPTQ decoder (streamed) == fp32 LLaMA with dequantized weights."""
     import torch
 
-    from minigpt4_local.generation import generate_from_embeds
+    from minigpt4_local.backends.torch_generation import generate_from_embeds
     from minigpt4_local.loader import LoadOptions, load_pipeline
     from minigpt4_local.stitching import build_plan
 

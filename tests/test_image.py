@@ -1,6 +1,6 @@
 """Tests for minigpt4_local.image: preprocessing numerics, odd-but-valid inputs, bad inputs, input expansion.
 
-The preprocessing reference is computed independently here in float64 numpy from spec section 8
+The preprocessing reference is computed independently here in float64 numpy from docs/numerics.md §2
 (PIL bicubic resize -> /255 -> (x - mean) / std); the module computes in float32 like torchvision,
 so the tolerance is 1e-6 absolute (measured max diff ~2.4e-7).
 """

@@ -1,7 +1,7 @@
 """Converted checkpoints compute what the original computes.
 
 Original-format files (tests/support/checkpoints.py) → `convert` → `load_model_dir` → `encode_image`,
-compared with an independent float64 re-statement of the spec's math on the LAVIS-named weights
+compared with an independent float64 re-statement of docs/numerics.md §3–6 on the LAVIS-named weights
 (tests/support/reference_math.py). Tolerance: atol 1e-5 / rtol 1e-5 in fp32 (outputs are O(1–3));
 measured max-abs differences are printed (`pytest -s`) with the tag [parity].
 """

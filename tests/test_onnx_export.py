@@ -31,12 +31,10 @@ from minigpt4_local.backends.onnx_vision import (
 from minigpt4_local.bundle import MANIFEST_NAME, Bundle, sha256_file
 from minigpt4_local.config import get_preset
 from minigpt4_local.errors import DependencyError, MiniGPT4Error, ModelDirError
-from minigpt4_local.export.onnx_vision import (
-    FP16_BLOCK_OPS,
-    compare_outputs,
-    export_fp32_graph,
-    export_vision_model,
-)
+from minigpt4_local.export.onnx_graph import export_fp32_graph
+from minigpt4_local.export.onnx_precision import FP16_BLOCK_OPS
+from minigpt4_local.export.onnx_verify import compare_outputs
+from minigpt4_local.export.vision_export import export_vision_model
 from minigpt4_local.model import MiniGPT4
 from tests.conftest import randomize_
 

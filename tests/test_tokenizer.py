@@ -221,7 +221,7 @@ class _LlamaLikeTokenizer:
 
 
 def test_stop_sequences_llama_ids() -> None:
-    assert derive_stop_sequences(_LlamaLikeTokenizer()) == [[835], [2277, 29937]]  # spec section 7
+    assert derive_stop_sequences(_LlamaLikeTokenizer()) == [[835], [2277, 29937]]  # docs/numerics.md §12
 
 
 def test_stop_sequences_of_bpe_tokenizer(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Training sequence layout + label masks (spec section 9), caption processor, lr schedule, optimizer groups
+"""Training sequence layout + label masks (docs/numerics.md §14), caption processor, lr schedule, optimizer groups
 and the training config. Expected ids are built from the raw sentencepiece model, not from the code under
 test."""
 

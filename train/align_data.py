@@ -1,4 +1,4 @@
-"""Stage-2 data generation (`minigpt4 train make-align-data`, spec section 10), torch-free.
+"""Stage-2 data generation (`minigpt4 train make-align-data`, docs/numerics.md §15), torch-free.
 
 Contract: `make_align_data(images, pipeline, polisher, out, options, continue_below=80, progress=None)`:
 1. each image is described by `pipeline` (any backend with the `Pipeline` interface) in a fresh chat

@@ -1,6 +1,6 @@
 """Caption processing and the stage-2 instruction prompts (torch-free).
 
-Contract (spec section 9):
+Contract (docs/numerics.md §14):
 - `process_caption(text, max_words=50)` is the original stage-1 caption processor: lower-case; each of
   the characters `.!"()*#:;~` becomes a space; every run of two or more whitespace characters becomes
   one space (a single tab/newline is left alone, as in the original); a trailing newline and leading /
@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-IMAGE_TAG = "<Img><ImageHere></Img>"
-IMAGE_PLACEHOLDER = "<ImageHere>"
+from minigpt4_local.prompts import IMAGE_MESSAGE as IMAGE_TAG
+from minigpt4_local.prompts import IMAGE_PLACEHOLDER
+
 LLAVA_IMAGE = "<image>"
 
 # The characters the original caption processor turns into spaces.

@@ -10,7 +10,7 @@ Contract:
   validates. Unknown keys, wrong types and inconsistent values raise `ConfigError` naming the key.
 - Numbers written like `1e-4` (which YAML 1.1 reads as a string) are accepted for float fields.
 - `TrainConfig.to_dict()` round-trips through `train_config_from_dict`.
-Defaults follow the original recipes (spec section 9): stage 1 max_txt_len 32, end_sym `\\n`, no prompt,
+Defaults follow the original recipes (docs/numerics.md §14): stage 1 max_txt_len 32, end_sym `\\n`, no prompt,
 caption processor on; stage 2 max_txt_len 160, end_sym `###`, template `###Human: {} ###Assistant: `,
 the four alignment prompts, raw captions.
 """

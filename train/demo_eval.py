@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt4_local.errors import ConfigError
+from minigpt4_local.files import cache_dir
 
 from .demo import DEMO_QUESTION, SCENE_RENDER_SIZE, TORCH_VISION_FILE, dequantize_smollm2
 from .scenes import aggregate, make_scene, scene_seeds, score_description, write_scene_dataset
@@ -37,8 +38,7 @@ Say = Callable[[str], None]
 
 
 def default_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "minigpt4-local" / "demo"
+    return cache_dir("demo")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from minigpt4_local.devices import resolve_device
 from minigpt4_local.errors import ConfigError
 
 
@@ -79,23 +80,12 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def pick_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and chosen.index is None:
-        chosen = torch.device(f"cuda:{local_rank}")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"optim.device {device!r}: CUDA is not available on this machine")
-    return chosen
-
-
 def setup(device: str = "auto") -> DistContext:
     """Join torchrun's process group (or run alone); see module docstring."""
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank if world > 1 else 0)
-    chosen = pick_device(device, local_rank)
+    chosen = torch.device(resolve_device(device, local_rank))
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     backend = "nccl" if chosen.type == "cuda" else "gloo"

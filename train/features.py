@@ -41,11 +41,12 @@ from .data import (
     Record,
     SkipSample,
     StreamSource,
-    _tar_reader,
     decode_image_bytes,
     image_to_pixels,
     raw_caption,
+    tar_samples,
 )
+from .feature_files import read_cache_file
 
 CACHE_FORMAT = "minigpt4-local/feature-cache"
 MANIFEST = "cache.json"
@@ -81,30 +82,6 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-
-
-def _read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            meta = handle.metadata() or {}
-            tensors = {k: _as_numpy(handle.get_tensor(k)) for k in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # truncated / foreign file
-        raise ConfigError(
-            f"feature cache file {path} is unreadable ({type(exc).__name__}); delete it"
-        ) from None
-    return tensors, meta
-
-
-def read_shard_cache(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
-    """(keys, raw captions, features (n, …) float32) of one stage-1 cache file."""
-    tensors, meta = _read(path)
-    return json.loads(meta["keys"]), json.loads(meta["captions"]), tensors["features"]
 
 
 def _source_stamp(path: str) -> str:
@@ -164,7 +141,7 @@ def _shard_is_current(path: Path, shard: str) -> bool:
     if not path.is_file():
         return False
     try:
-        _, meta = _read(path)
+        _, meta = read_cache_file(path)
     except ConfigError:
         return False
     return meta.get("stamp") == _source_stamp(shard)
@@ -181,7 +158,7 @@ def _build_shard(
 ) -> Counter:
     counts: Counter = Counter()
     keys, captions, pending, chunks = [], [], [], []
-    for sample in _tar_reader(shard, counts):
+    for sample in tar_samples(shard, counts):
         try:
             caption = raw_caption(sample)
             key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -295,7 +272,7 @@ def cache_records(
         part = records[chunk * CHUNK : (chunk + 1) * CHUNK]
         if out.is_file():
             with contextlib.suppress(ConfigError):
-                if _read(out)[1].get("stamp") == _chunk_stamp(part):
+                if read_cache_file(out)[1].get("stamp") == _chunk_stamp(part):
                     continue
         _build_chunk(model, part, chunk * CHUNK, out, cache, plain, device, batch_size)
         if log:
@@ -303,7 +280,7 @@ def cache_records(
     barrier()
     table: dict[int, np.ndarray] = {}
     for chunk in range(n_chunks):
-        tensors, _ = _read(cache.chunk_file(source, chunk))
+        tensors, _ = read_cache_file(cache.chunk_file(source, chunk))
         for index, row in zip(tensors["index"].tolist(), tensors["features"], strict=False):
             table[index] = row
     return table

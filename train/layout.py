@@ -1,4 +1,4 @@
-"""Training sequence layout and label masking of the original (spec section 9), torch-free.
+"""Training sequence layout and label masking of the original (docs/numerics.md §14), torch-free.
 
 Contract:
 - A sample is a list of turns `[(instruction | None, answer), …]`; `instruction=None` on the first turn

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the original (LAVIS `linear_warmup_cosine_lr`), spec section 9.
+"""Optimizer and learning-rate schedule of the original (LAVIS `linear_warmup_cosine_lr`), docs/numerics.md §14.
 
 Contract:
 - `lr_at(step, optim, total_steps)`: for `step < warmup_steps`

@@ -1,4 +1,4 @@
-"""Polishers for stage-2 data generation: the paper's fix-up prompt sent to an LLM (spec section 10, step 3).
+"""Polishers for stage-2 data generation: the paper's fix-up prompt sent to an LLM (docs/numerics.md §15, step 3).
 
 Contract:
 - `FIXUP_PROMPT` is the paper's instruction; `fixup_message(paragraph)` is the user message sent

@@ -8,7 +8,7 @@ Contract:
   `qformer` = Q-Former + query tokens, `vision` = ViT + ln_vision, `llm` = the whole decoder, no LoRA);
   everything else has `requires_grad=False` and stays bit-identical, in eval mode. `init_projection`:
   `model` (keep), `random` (fresh nn.Linear init, same seed on every rank) or a checkpoint path.
-- Step (spec section 9): sequences from `layout.layout_sample` (one instruction per global batch in stage
+- Step (docs/numerics.md §14): sequences from `layout.layout_sample` (one instruction per global batch in stage
   2 — all ranks and accumulation micro-batches of a step — drawn from the prompt list with an RNG seeded by
   the step), image rows scattered into the token
   embeddings, the decoder run under autocast (fp16 + GradScaler, or bf16) with the projection in fp32,
@@ -111,7 +111,7 @@ def mark_trainable(model: Any, parts: list[str]) -> list[str]:
         raise ConfigError("model.trainable 'qformer': this model has no Q-Former (Llama-2 variant)")
     prefixes = tuple(p for part in parts for p in TRAINABLE_PREFIXES[part])
     model.requires_grad_(False)
-    model.eval()  # frozen parts stay in eval mode (spec section 9)
+    model.eval()  # frozen parts stay in eval mode (docs/numerics.md §14)
     names = []
     for name, param in model.named_parameters():
         if name.startswith(prefixes):

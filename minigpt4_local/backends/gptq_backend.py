@@ -16,7 +16,7 @@ Contract:
   actually in use, read from the loaded modules (e.g. "marlin", "torch_fused").
 - `GptqDecoder(llm)` implements `pipeline.Decoder`: it stitches text-token embeddings (the
   checkpoint's own, unquantized embedding table) and image embeddings (numpy from ONNX Runtime, or
-  torch) with `stitching.stitch`, then decodes with `generation.generate_from_embeds`, i.e. exactly
+  torch) with `stitching.stitch`, then decodes with `torch_generation.generate_from_embeds`, i.e. exactly
   the sampling and stop rules of the torch backend, streaming through `on_token`. KV cache reuse:
   the decoder remembers what its cache holds (a token id per text position, a content digest per
   image row, then the generated ids); the next call keeps the longest common prefix (at least one
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import LLMConfig
+from ..devices import resolve_device
 from ..errors import DependencyError, ModelDirError, PromptError
+from ..files import read_json_object
 from ..prefix_cache import PositionKey, PrefixCache, position_keys
 from ..stitching import StitchPlan, stitch
 
@@ -127,24 +128,15 @@ class GptqInfo:
     dims: dict[str, int]  # HF config names: hidden_size, num_hidden_layers, vocab_size, …
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelDirError(
-            f"{path.parent}: missing {path.name}; is this a GPTQ checkpoint (llm-gptq/)?"
-        ) from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelDirError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path}: must hold a JSON object")
-    return data
+def _gptq_json(path: Path) -> dict[str, Any]:
+    hint = f"{path.parent}: missing {path.name}; is this a GPTQ checkpoint (llm-gptq/)?"
+    return read_json_object(path, ModelDirError, missing=hint)
 
 
 def _quant_settings(root: Path, hf_config: dict[str, Any]) -> dict[str, Any]:
     """GPTQModel writes quantize_config.json; transformers/optimum keep it in config.json."""
     if (root / QUANTIZE_CONFIG).is_file():
-        return _read_json(root / QUANTIZE_CONFIG)
+        return _gptq_json(root / QUANTIZE_CONFIG)
     inline = hf_config.get("quantization_config")
     if isinstance(inline, dict):
         return inline
@@ -156,7 +148,7 @@ def read_gptq_dir(path: str | os.PathLike, llm: LLMConfig | None = None) -> Gptq
     root = Path(path)
     if not root.is_dir():
         raise ModelDirError(f"GPTQ checkpoint not found: {root} is not a directory")
-    hf = _read_json(root / "config.json")
+    hf = _gptq_json(root / "config.json")
     quant = _quant_settings(root, hf)
     method = str(quant.get("quant_method", quant.get("method", ""))).lower()
     if method != "gptq":
@@ -259,16 +251,6 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] + ("…" if len(text) > 300 else "")
 
 
-def _resolve_device(torch: Any, device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DependencyError(
-            f"device {device} asked for, but this PyTorch sees no CUDA GPU (install a CUDA build of torch, or use --device cpu)"
-        )
-    return device
-
-
 def _resolve_kernel(kernel: str, device: str) -> str:
     name = kernel.lower().replace("-", "_")
     if name not in KERNELS:
@@ -321,7 +303,7 @@ def load_gptq_llm(
     """Load `llm-gptq/` with GPTQModel (see the module docstring)."""
     info = read_gptq_dir(path, llm)
     torch = _require_torch()
-    dev = _resolve_device(torch, device)
+    dev = resolve_device(device)
     name = _resolve_kernel(kernel, dev)  # refused before the (slow) GPTQModel import
     _, gptqmodel = require_gptq_runtime()
     # Without an explicit dtype, a CPU checkpoint the fp32 kernels cannot take (e.g. 3-bit) gets bf16.
@@ -446,7 +428,7 @@ class GptqDecoder:
         stop: StopChecker,
         on_token: Callable[[int], None] | None,
     ) -> list[int]:
-        from ..generation import generate_from_embeds
+        from .torch_generation import generate_from_embeds
 
         start = time.perf_counter()
         embeds = self.stitch(plan, image_embeds).unsqueeze(0)  # (1, T, hidden)

@@ -43,7 +43,7 @@ from ..errors import ConfigError, MiniGPT4Error, PromptError
 from ..prefix_cache import PositionKey, PrefixCache, common_prefix, position_keys, row_digests
 from ..sampling import SamplingOptions
 from ..stitching import plan_segments
-from ._llama_ctx import (
+from .llama_ctx import (
     LlamaBatch,
     LlamaContext,
     LlamaModel,

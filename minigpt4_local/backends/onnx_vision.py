@@ -5,7 +5,7 @@ Contract:
   `verify=False`), loads `vision.onnx` and checks the graph against the manifest: one float input
   named as recorded, rank 4, dims (batch, 3, S, S) with a dynamic batch; one float output, rank 3,
   dims (batch, n_img, hidden) equal to the manifest and the architecture. Any mismatch, and a
-  truncated or corrupted graph that onnxruntime refuses, raise `ModelDirError` in one line.
+  truncated or corrupted graph that onnxruntime refuses, raise `BundleError` in one line.
 - Providers: by default TensorRT → CUDA → CPU, keeping those this onnxruntime build offers AND whose
   native libraries are present (onnxruntime-gpu lists CUDA even on a machine without a GPU); an int8
   bundle defaults to CPU only (its MatMulInteger/DynamicQuantizeLinear nodes have no GPU kernels).
@@ -28,13 +28,13 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import DependencyError, ModelDirError
+from ..errors import BundleError, DependencyError
+from ..files import cache_dir
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -124,12 +124,6 @@ def resolve_providers(requested: Sequence[str] | None = None, precision: str = "
     return chosen or [CPU]
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("MINIGPT4_CACHE"):
-        return Path(os.environ["MINIGPT4_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt4-local"
-
-
 def _provider_options(
     provider: str, part: dict[str, Any], graph_sha256: str, image_size: int, max_batch: int
 ) -> dict[str, Any]:
@@ -137,7 +131,7 @@ def _provider_options(
     if provider == TRT:
         name = part["inputs"][0]["name"]
         shape = f"3x{image_size}x{image_size}"
-        cache = _cache_dir() / "tensorrt" / graph_sha256[:16]
+        cache = cache_dir() / "tensorrt" / graph_sha256[:16]
         cache.mkdir(parents=True, exist_ok=True)
         return {
             "trt_fp16_enable": part.get("precision") == "fp16",
@@ -161,7 +155,7 @@ def _declared(part: dict[str, Any], key: str, where: str) -> dict[str, Any]:
         or not isinstance(entries[0], dict)
         or "name" not in entries[0]
     ):
-        raise ModelDirError(f"{where}: the manifest's vision {key} must list exactly one named tensor")
+        raise BundleError(f"{where}: the manifest's vision {key} must list exactly one named tensor")
     return entries[0]
 
 
@@ -171,6 +165,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 class OnnxVisionEncoder:
+    name = "onnxruntime"
     """pixels → image embeddings with ONNX Runtime, from a bundle's `vision.onnx`."""
 
     def __init__(
@@ -218,7 +213,7 @@ class OnnxVisionEncoder:
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=provider_args)
         except Exception as exc:  # onnxruntime raises its own pybind classes (Fail, InvalidProtobuf, …)
-            raise ModelDirError(f"cannot load {path}: {_one_line(exc)}") from None
+            raise BundleError(f"cannot load {path}: {_one_line(exc)}") from None
         if providers and chosen[0] not in session.get_providers():
             raise DependencyError(
                 f"ONNX Runtime could not start {chosen[0]} (missing GPU, driver or libraries); "
@@ -238,23 +233,23 @@ class OnnxVisionEncoder:
         for (kind, got, name, static), want in zip(checks, (want_in, want_out), strict=True):
             declared = want.get("shape")
             if declared is not None and list(declared)[1:] != static:
-                raise ModelDirError(
+                raise BundleError(
                     f"{where}: the manifest declares {kind} {name} as {declared}, the architecture needs "
                     f"[batch, {', '.join(map(str, static))}] (mismatched manifest)"
                 )
             if len(got) != 1 or got[0].name != name:
                 names = ", ".join(g.name for g in got)
-                raise ModelDirError(f"{where}: graph {kind}s are [{names}], the manifest expects [{name}]")
+                raise BundleError(f"{where}: graph {kind}s are [{names}], the manifest expects [{name}]")
             if got[0].type != "tensor(float)":
-                raise ModelDirError(f"{where}: graph {kind} {name} is {got[0].type}, expected tensor(float)")
+                raise BundleError(f"{where}: graph {kind} {name} is {got[0].type}, expected tensor(float)")
             shape = list(got[0].shape)
             if len(shape) != len(static) + 1 or shape[1:] != static:
-                raise ModelDirError(
+                raise BundleError(
                     f"{where}: graph {kind} {name} has shape {shape}, the manifest expects [batch, "
                     f"{', '.join(map(str, static))}] (mismatched bundle)"
                 )
             if isinstance(shape[0], int):
-                raise ModelDirError(
+                raise BundleError(
                     f"{where}: graph {kind} {name} has a fixed batch of {shape[0]}; re-export it"
                 )
         return inputs[0].name, outputs[0].name

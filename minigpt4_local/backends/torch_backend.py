@@ -3,7 +3,7 @@
 Contract: `build_torch_decoder(source, options)` is the `torch` entry of `loader.DECODERS`: the model
 directory's `MiniGPT4`, whose vision side (`TorchVision`: `MiniGPT4.encode_image`) and decoder
 (`TorchDecoder`: text-token and image embeddings joined by `stitching.stitch`, then
-`generation.generate_from_embeds`) it provides. Device and precision: `pick_device` / `pick_dtype` (CPU →
+`torch_generation.generate_from_embeds`) it provides. Device and precision: `pick_device` / `pick_dtype` (CPU →
 fp32; CUDA → fp16 with the original's precision layout); `loader.LoadOptions` can swap in the ONNX vision
 encoder while keeping the torch decoder.
 """
@@ -18,26 +18,21 @@ import numpy as np
 import torch
 
 from ..checkpoints.model_dir import load_model_dir
-from ..generation import generate_from_embeds
+from ..devices import default_precision, resolve_device, torch_dtype
 from ..image import preprocess
 from ..model import MiniGPT4
 from ..prompts import StopChecker
 from ..sampling import SamplingOptions
 from ..stitching import StitchPlan, stitch
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .torch_generation import generate_from_embeds
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(resolve_device(device))
 
 
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name:
-        return _DTYPES[name]
-    return torch.float16 if device.type == "cuda" else torch.float32
+    return torch_dtype(name or default_precision(device.type))
 
 
 class TorchVision:

@@ -11,7 +11,7 @@ Contract:
 - Keys: HF's vision_model already matches ours; `self_attn.qkv.bias` may be stored fused or (older
   transformers) as `self_attn.q_bias` + `self_attn.v_bias`: both are accepted and fused. The Q-Former's
   text-only parts (`qformer.embeddings.*`, text FFN `intermediate.*`/`output.*`) are dropped.
-- Leaving "ln_vision" out skips BLIP-2's ln_vision: the Llama-2 variant never loads it (spec §4).
+- Leaving "ln_vision" out skips BLIP-2's ln_vision: the Llama-2 variant never loads it (docs/numerics.md §6).
   Its eps (1e-5) is set by our model, not by this file.
 - A missing directory/index/shard, a corrupt index or shard, or a directory that is not BLIP-2 raises
   `CheckpointError` (one line).
@@ -19,12 +19,12 @@ Contract:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from ..files import read_json_object
 from .names import IGNORE, Rule, fuse_qkv_bias, rename
 from .safe_load import load_safetensors
 
@@ -43,7 +43,7 @@ LN_VISION_PREFIX = "vision_model.post_layernorm."
 HF_BLIP2_RULES = (
     Rule(r"(vision_model\.encoder\.layers\.\d+\.self_attn)\.(q_bias|v_bias)", r"\1.\2"),  # fused later
     Rule(r"vision_model\..+", r"\g<0>"),
-    # Text-input parts some BLIP-2 variants carry; MiniGPT-4 feeds queries only (spec §3).
+    # Text-input parts some BLIP-2 variants carry; MiniGPT-4 feeds queries only (docs/numerics.md §5).
     Rule(r"qformer\.embeddings\..+", IGNORE),
     Rule(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)", IGNORE),
     Rule(r"qformer\..+", r"\g<0>"),
@@ -65,22 +65,12 @@ def part_of(key: str) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def _check_config(root: Path, progress: Callable[[str], None] | None) -> None:
     """Refuse a directory whose config.json says it is not BLIP-2; note non-flan-t5 variants."""
     path = root / "config.json"
     if not path.is_file():
         return
-    config = _read_json(path)
+    config = read_json_object(path, CheckpointError)
     model_type = config.get("model_type")
     if model_type is not None and model_type != "blip-2":
         raise CheckpointError(f"{root}: config.json says model_type {model_type!r}, expected 'blip-2'")
@@ -93,7 +83,7 @@ def shard_plan(root: Path, wanted: Callable[[str], bool]) -> dict[Path, list[str
     """{shard file: [needed keys]} from the index (or the single file's header)."""
     index_path = root / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json_object(index_path, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no 'weight_map' object")
         plan: dict[Path, list[str]] = {}

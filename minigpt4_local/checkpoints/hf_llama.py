@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
+from ..files import read_json_object
 from .names import IGNORE, Rule, count_layers, rename
 from .safe_load import (
     load_safetensors,
@@ -166,16 +167,6 @@ class LLMSource:
     dims: LLMDims
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def _find_shards(root: Path) -> tuple[str, list[Path]]:
     for marker, fmt, is_index in WEIGHT_LAYOUTS:
         path = root / marker
@@ -183,7 +174,7 @@ def _find_shards(root: Path) -> tuple[str, list[Path]]:
             continue
         if not is_index:
             return fmt, [path]
-        weight_map = _read_json(path).get("weight_map")
+        weight_map = read_json_object(path, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{path}: no 'weight_map' object")
         names = sorted({str(v) for v in weight_map.values()})
@@ -302,13 +293,13 @@ def inspect_llm_dir(directory: str | Path) -> LLMSource:
         raise CheckpointError(f"LLM directory not found: {root}")
     if not (root / CONFIG_FILE).is_file():
         raise CheckpointError(f"{root}: no {CONFIG_FILE}: not an HF model directory")
-    config = _read_json(root / CONFIG_FILE)
+    config = read_json_object(root / CONFIG_FILE, CheckpointError)
     if config.get("model_type", "llama") != "llama":
         raise CheckpointError(
             f"{root / CONFIG_FILE}: model_type {config.get('model_type')!r}, expected 'llama'"
         )
     gen_path = root / GENERATION_CONFIG_FILE
-    generation = _read_json(gen_path) if gen_path.is_file() else None
+    generation = read_json_object(gen_path, CheckpointError) if gen_path.is_file() else None
     fmt, shards = _find_shards(root)
     shapes: dict[str, tuple[int, ...]] = {}
     for shard in shards:

@@ -53,7 +53,7 @@ EVA_RULES = (
     Rule(r"blocks\.(\d+)\.attn\.(q_bias|v_bias)", rf"{_L}.self_attn.\2"),
     Rule(r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", rf"{_L}.self_attn.projection.\2"),
     Rule(r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", rf"{_L}.mlp.\2.\3"),
-    # The classifier head / final norms of EVA-CLIP: MiniGPT-4's ViT has no final norm (spec §1).
+    # The classifier head / final norms of EVA-CLIP: MiniGPT-4's ViT has no final norm (docs/numerics.md §3).
     Rule(r"(norm|fc_norm|head)\.(weight|bias)", IGNORE),
 )
 
@@ -78,7 +78,7 @@ BLIP2_RULES = (
         r"Qformer\.bert\.encoder\.layer\.(\d+)\.(intermediate_query|output_query)\.(dense|LayerNorm)\.(weight|bias)",
         rf"{_Q}.\2.\3.\4",
     ),
-    # Text-side FFN: MiniGPT-4 feeds only queries, so only the *_query FFN runs (spec §3).
+    # Text-side FFN: MiniGPT-4 feeds only queries, so only the *_query FFN runs (docs/numerics.md §5).
     Rule(
         r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.(weight|bias)", IGNORE
     ),

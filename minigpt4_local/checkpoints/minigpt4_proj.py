@@ -10,7 +10,7 @@ Contract:
 - `load_projection(path, expected_in=None, expected_out=None, progress=None)` reads the file safely
   and checks the shapes: a missing `llama_proj` or a Linear of the wrong size raises `CheckpointError`
   saying expected vs found and which preset the found size fits (768→4096 vicuna-7b, 768→5120
-  vicuna-13b, 5632→4096 llama2-7b). Finding `ln_vision.*` is reported through `progress` (spec §4: the
+  vicuna-13b, 5632→4096 llama2-7b). Finding `ln_vision.*` is reported through `progress` (docs/numerics.md §6: the
   Llama-2 variant's ln_vision is identity unless its checkpoint carries one).
 """
 

@@ -21,7 +21,7 @@ Contract:
   `ln_vision.*` inside the projection file wins over BLIP-2's.
   Llama-2 variant (no Q-Former): an explicit `qformer` is REFUSED (`CheckpointError`: the original
   never loads one, so passing it is a mistake); from an HF BLIP-2 `vit` only the ViT is taken, and
-  ln_vision stays identity (weight 1, bias 0) unless the projection file carries one (spec §4).
+  ln_vision stays identity (weight 1, bias 0) unless the projection file carries one (docs/numerics.md §6).
   The directory is written to a temporary sibling and renamed into place: an interrupted conversion
   leaves no half directory. `out` must not exist unless `overwrite=True`.
 - `load_model_dir(path, device="cpu", dtype=torch.float32, with_llm=True) -> MiniGPT4` checks the
@@ -141,7 +141,7 @@ def _assemble(
             )
         state.update(qformer_state)
     if cfg.qformer is None:
-        # Llama-2 variant: no Q-Former, and BLIP-2's ln_vision is never loaded (spec §4).
+        # Llama-2 variant: no Q-Former, and BLIP-2's ln_vision is never loaded (docs/numerics.md §6).
         state = {k: v for k, v in state.items() if not _is_qformer_key(k) and k not in LN_VISION}
         width = cfg.vision.hidden_size
         state[LN_VISION[0]] = torch.ones(width)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 
@@ -61,7 +61,7 @@ def _sample(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def rename(state: Mapping[str, torch.Tensor], rules: Iterable[Rule], source: str) -> dict[str, torch.Tensor]:
+def rename(state: Mapping[str, Any], rules: Iterable[Rule], source: str) -> dict[str, Any]:
     """Apply a rule table to every key of `state` (see module docstring)."""
     rules = tuple(rules)
     out: dict[str, torch.Tensor] = {}
@@ -119,6 +119,9 @@ def count_layers(keys: Iterable[str], prefix: str) -> int:
 
 def drop_layers_from(state: Mapping[str, torch.Tensor], prefix: str, keep: int) -> dict[str, torch.Tensor]:
     """Drop `prefix.N.*` for N >= keep (blocks a checkpoint has but the model does not build)."""
-    return {
-        k: v for k, v in state.items() if (layer_index(k, prefix) is None or layer_index(k, prefix) < keep)
-    }
+    kept = {}
+    for key, value in state.items():
+        index = layer_index(key, prefix)
+        if index is None or index < keep:
+            kept[key] = value
+    return kept

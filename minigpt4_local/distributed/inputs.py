@@ -378,15 +378,14 @@ def read_unit(
     unit: dict[str, Any] | str, skip: Collection[str] = (), max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 ) -> Iterator[ItemRow]:
     """The item rows of one read unit (a dict from `plan_inputs`, or its JSON), as they are read."""
-    if isinstance(unit, str):
-        unit = json.loads(unit)
-    kind = unit["kind"]
+    plan: dict[str, Any] = json.loads(unit) if isinstance(unit, str) else unit
+    kind = plan["kind"]
     if kind == "paths":
-        return (_row(p, path=p) for p in unit["paths"] if p not in skip)
+        return (_row(p, path=p) for p in plan["paths"] if p not in skip)
     if kind == "shard":
-        return _read_shard(unit, skip, max_file_bytes)
+        return _read_shard(plan, skip, max_file_bytes)
     if kind == "table":
-        return _read_table(unit, skip)
+        return _read_table(plan, skip)
     if kind == "error":
-        return iter([_row(unit["id"], error=unit["error"])])
+        return iter([_row(plan["id"], error=plan["error"])])
     raise ConfigError(f"unknown read unit kind {kind!r}")

@@ -23,7 +23,7 @@ Contract (imports ray; reached only through `--ray` or the public API of `minigp
   and are committed as atomically renamed part files (parts.py), and an id reaching the driver twice is
   committed once. Killing the driver loses at most the uncommitted rows; a re-run completes the job.
   `progress(summary, rows)` is called after each batch that reaches the driver.
-- `run_ray_describe(images, question, opts)`: the `describe --ray` command (flags in options.py); prints
+- `run_ray_describe(images, question, opts, load_options)`: the `describe --ray` command (flags in options.py); prints
   progress lines on stderr and a JSON summary on stdout. Bad images are error rows and exit status 0.
 """
 
@@ -412,11 +412,11 @@ class _ProgressLines:
         )
 
 
-def run_ray_describe(images: Sequence[str], question: str, opts: dict[str, Any]) -> None:
-    """`minigpt4 describe --ray …` (see options.py for the flags)."""
+def run_ray_describe(
+    images: Sequence[str], question: str, opts: dict[str, Any], load_options: LoadOptions
+) -> None:
+    """`minigpt4 describe --ray …` (see options.py for the flags; `load_options` from the model flags)."""
     import click
-
-    from ..cli import load_options
 
     if not opts.get("out"):
         raise click.UsageError("--ray needs --out DIR (the folder for the result parts)")
@@ -441,7 +441,7 @@ def run_ray_describe(images: Sequence[str], question: str, opts: dict[str, Any])
             question=question,
             greedy=bool(opts.get("greedy")),
             sampling=overrides,
-            load_options=load_options(opts),
+            load_options=load_options,
             parallel=opts.get("parallel"),
             json_schema=opts.get("json_schema"),
             image_cache_mb=opts.get("image_cache_mb") or 0.0,

@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,16 +32,15 @@ class MiniGPT4(nn.Module):
         config.validate()
         self.config = config
         self.vision_model = build_vision_model(config.vision)
+        self.qformer: Any = None  # None for the Llama-2 variant (concat-4 instead)
+        self.query_tokens: Any = None  # nn.Parameter when there is a Q-Former
         if config.qformer is not None:
             self.qformer = build_qformer(config.qformer, config.vision.hidden_size)
             self.query_tokens = nn.Parameter(
                 torch.zeros(1, config.qformer.num_query_tokens, config.qformer.hidden_size)
             )
-        else:
-            self.qformer = None
-            self.query_tokens = None
         self.llama_proj = nn.Linear(config.projector_in_features, config.llm.hidden_size)
-        self.llm = build_language_model(config.llm) if with_llm else None
+        self.llm: Any = build_language_model(config.llm) if with_llm else None
         self.autocast_dtype: torch.dtype | None = None
         self.eval()
 

@@ -5,7 +5,7 @@ pixels (B, 3, H, W) → `last_hidden_state` (B, 1 + (H/p)·(W/p), D) = ln_vision
 - All block norms use eps `cfg.layer_norm_eps` (1e-6); `post_layernorm` is MiniGPT-4's `ln_vision`
   and uses `cfg.ln_vision_eps` (1e-5): HF applies one eps to all vision norms, so it is overridden.
 - The embedding sum (CLS, patches, position) is kept in fp32 even when the conv weight is fp16, so
-  the residual stream stays fp32 under autocast as in the original (spec section 1).
+  the residual stream stays fp32 under autocast as in the original (docs/numerics.md §7).
 """
 
 from __future__ import annotations

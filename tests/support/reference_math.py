@@ -1,4 +1,4 @@
-"""An independent functional re-statement of MiniGPT-4's image path (spec §1–4), for tests.
+"""An independent functional re-statement of MiniGPT-4's image path (docs/numerics.md §3–6), for tests.
 
 Contract: plain torch ops (no transformers, no package modules) over a LAVIS-named state dict
 (`visual_encoder.*`, `ln_vision.*`, `Qformer.bert.*`, `query_tokens`, `llama_proj.*`), computed in

@@ -21,7 +21,7 @@ import json
 import random
 from pathlib import Path
 
-# Words of the prompt templates (spec section 6) so that BPE learns their merges like LLaMA did.
+# Words of the prompt templates (docs/numerics.md §10) so that BPE learns their merges like LLaMA did.
 _TEMPLATE_LINES = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
     "provide it to you. Please answer my questions.",

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import ConfigError, DependencyError, ModelDirError
 from ..sampling import SamplingOptions
-from ._gguf_file import GGUFHeader, scan_gguf
+from .gguf_file import GGUFHeader, scan_gguf
 
 _STATE: dict[str, Any] = {"module": None, "log_callback": None, "verbose": False}
 

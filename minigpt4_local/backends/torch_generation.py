@@ -17,8 +17,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .prompts import StopChecker
-from .sampling import SamplingOptions
+from ..prompts import StopChecker
+from ..sampling import SamplingOptions
 
 
 class _StopOnSequences(StoppingCriteria):
@@ -31,7 +31,7 @@ class _StopOnSequences(StoppingCriteria):
         self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
     ) -> torch.BoolTensor:
         done = [self.stop.is_stop(row.tolist()) for row in input_ids]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 class _TokenCallbackStreamer(BaseStreamer):
@@ -73,7 +73,7 @@ def generate_from_embeds(
     with warnings.catch_warnings():
         # With inputs_embeds only, the penalty applies to generated tokens alone: the original's behaviour too.
         warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds.*")
-        out = llm.generate(
+        out = llm.generate(  # type: ignore[operator]
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             max_new_tokens=options.max_new_tokens,

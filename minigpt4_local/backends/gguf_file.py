@@ -46,7 +46,11 @@ _SCALAR_FORMATS = {
 _STRING, _ARRAY = 8, 9
 
 # GGML types that numpy reads directly: type id -> (numpy dtype, is bf16 bits)
-_PLAIN_TYPES = {0: (np.dtype("<f4"), False), 1: (np.dtype("<f2"), False), 30: (np.dtype("<u2"), True)}
+_PLAIN_TYPES: dict[int, tuple[np.dtype, bool]] = {
+    0: (np.dtype("<f4"), False),
+    1: (np.dtype("<f2"), False),
+    30: (np.dtype("<u2"), True),
+}
 
 
 @dataclass
