@@ -293,7 +293,7 @@ class Engine:
             from .grammar import schema_grammar
 
             grammar = schema_grammar(json_schema)  # type: ignore[arg-type]
-        from .backends._llama_ctx import grammar_sampler, llama_cpp_module
+        from .backends.llama_ctx import grammar_sampler, llama_cpp_module
 
         llama_cpp_module().llama_sampler_free(grammar_sampler(self._model, grammar))  # parse check
         return grammar

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends._llama_ctx import (
+from .backends.llama_ctx import (
     ConstrainedSampler,
     LlamaContext,
     MultiBatch,
@@ -116,7 +116,7 @@ class BatchedScheduler:
         kv_type: str | None = None,
         n_threads: int | None = None,
     ) -> None:
-        from .backends._llama_ctx import default_threads
+        from .backends.llama_ctx import default_threads
 
         self._lib = llama_cpp_module()
         self.llm = llm

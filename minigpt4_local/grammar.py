@@ -9,7 +9,7 @@ Contract:
   documents the schema accepts (as far as the converter supports the schema's keywords); a schema it
   cannot convert raises `ConfigError` naming the problem. The converter's string character rule lets raw
   control characters (newlines, tabs) into strings, which JSON forbids; they are excluded. The engine hands the text to
-  `llama_sampler_init_grammar` (see backends/_llama_ctx.grammar_sampler).
+  `llama_sampler_init_grammar` (see backends/llama_ctx.grammar_sampler).
 """
 
 from __future__ import annotations

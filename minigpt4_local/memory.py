@@ -1,7 +1,7 @@
 """Predicted memory of a bundle served by the engine: GGUF weights, KV cache, compute buffers, ONNX graph.
 
 Contract: `estimate_memory(bundle_path, ctx=None, parallel=DEFAULT_PARALLEL, kv_type="f16", n_batch=512)
--> MemoryEstimate` reads only file headers (`_gguf_file.scan_gguf`, the bundle manifest) and predicts:
+-> MemoryEstimate` reads only file headers (`gguf_file.scan_gguf`, the bundle manifest) and predicts:
 - weights: the sum of the GGUF's tensor sizes (llama.cpp maps them; all pages are touched in a forward pass);
 - kv: layers x KV heads x (key + value head dims) x cells x bytes per element, cells = ctx x parallel
   rounded up to llama.cpp's 256 (K and V: the "x 2" of the usual formula);
@@ -72,7 +72,7 @@ def estimate_memory(
     kv_type: str = "f16",
     n_batch: int = 512,
 ) -> MemoryEstimate:
-    from .backends._gguf_file import scan_gguf
+    from .backends.gguf_file import scan_gguf
     from .bundle import Bundle
     from .engine import DEFAULT_PARALLEL
 
