@@ -78,7 +78,7 @@ def test_per_sequence_streams_give_bit_identical_logits():
     """Several sequences in one context (one admitted mid-run, mixed prefill + decode batches) give the same
     logits as each decoded alone; this is what every engine answer relies on (and it changes if llama.cpp
     changes how separate KV streams are computed)."""
-    from minigpt4_local.backends._llama_ctx import LlamaContext, LlamaModel, MultiBatch, llama_cpp_module
+    from minigpt4_local.backends.llama_ctx import LlamaContext, LlamaModel, MultiBatch, llama_cpp_module
 
     lib = llama_cpp_module()
     model = LlamaModel(SMOLLM2, n_gpu_layers=0)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(smollm2_path() is None, reason="needs `pip insta
 _MEASURE = r"""
 import json, sys
 import numpy, onnxruntime, llama_cpp
-from minigpt4_local.backends._llama_ctx import llama_cpp_module
+from minigpt4_local.backends.llama_ctx import llama_cpp_module
 llama_cpp_module()
 def rss():
     for line in open("/proc/self/status"):
