@@ -1,7 +1,7 @@
 """Captioning throughput on Ray: images/s with 1 and 2 actors, and across two Ray nodes on one machine.
 
 Contract: `python benchmarks/bench_ray.py [--n 60] [--actors 1,2] [--parallel 4] [--threads 1]
-[--batch-size 8] [--no-nodes] [--no-engine]`. Renders `--n` held-out demo scenes (PNG), then describes them
+[--batch-size 8] [--repeat 1] [--no-nodes] [--no-engine]`. Renders `--n` held-out demo scenes (PNG), then describes them
 greedily with the demo bundle:
 - `engine`: the engine in this process, no Ray (`parallel` slots, `threads` llama.cpp threads): the
   single-process baseline;
@@ -9,10 +9,11 @@ greedily with the demo bundle:
 - `ray, 2 nodes x 1 actor`: two Ray nodes (raylets with their own object stores, `ray.cluster_utils.
   Cluster`) on this machine, one actor on each: the multi-node path (items and results cross node
   boundaries through the object store), without a real network.
-Per run: wall time (Ray start-up excluded, actor start-up and model loading included), the steady rate
-(images after the first result batch / time from the first to the last batch), and the scaling of the
-steady rate against 1 actor. Ends with one JSON line. Every run's answers are checked equal to the engine
-run's (greedy).
+Per configuration (the median of `--repeat` runs, which alternate between configurations so that a change
+in machine load hits them all): wall time (Ray start-up excluded, actor start-up and model loading
+included), the steady rate (images after the first result batch / time from the first to the last batch),
+and the scaling of the steady rate against 1 actor. Ends with one JSON line. Every run's answers are
+checked equal to the first run's (greedy).
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def run_ray(paths: list[Path], label: str, actors: int, parallel: int, threads: 
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median steady rate, plus every run's rate."""
+    ordered = sorted(runs, key=lambda r: r["steady_ips"])
+    return {**ordered[(len(ordered) - 1) // 2], "steady_ips_all": [round(r["steady_ips"], 3) for r in runs]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=60)
@@ -108,6 +115,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
     parser.add_argument("--no-nodes", action="store_true", help="skip the two-node run")
     parser.add_argument("--no-engine", action="store_true", help="skip the no-Ray baseline")
     args = parser.parse_args()
@@ -117,17 +125,20 @@ def main() -> None:
 
     from minigpt4_local.distributed import connect
 
-    runs: list[dict] = []
+    rounds: list[list[dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_scenes(Path(tmp), args.n)
-        if not args.no_engine:
-            runs.append(run_engine(paths, args.parallel, args.threads))
         t0 = time.perf_counter()
         connect("local", num_cpus=max(counts))
         ray_init_s = time.perf_counter() - t0
-        for actors in counts:
-            label = f"ray, {actors} actor{'s' if actors > 1 else ''}"
-            runs.append(run_ray(paths, label, actors, args.parallel, args.threads, args.batch_size))
+        for _ in range(args.repeat):
+            runs: list[dict] = []
+            if not args.no_engine:
+                runs.append(run_engine(paths, args.parallel, args.threads))
+            for actors in counts:
+                label = f"ray, {actors} actor{'s' if actors > 1 else ''}"
+                runs.append(run_ray(paths, label, actors, args.parallel, args.threads, args.batch_size))
+            rounds.append(runs)
         ray.shutdown()
         if not args.no_nodes:
             from ray.cluster_utils import Cluster
@@ -140,17 +151,16 @@ def main() -> None:
             ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
             connect()  # already initialised: only quiets Ray Data
             nodes = len([n for n in ray.nodes() if n["Alive"]])
-            runs.append(
-                run_ray(
-                    paths, f"ray, {nodes} nodes x 1 actor", 2, args.parallel, args.threads, args.batch_size
-                )
-            )
+            for runs in rounds:
+                label = f"ray, {nodes} nodes x 1 actor"
+                runs.append(run_ray(paths, label, 2, args.parallel, args.threads, args.batch_size))
             ray.shutdown()
             cluster.shutdown()
 
-    reference = runs[0]["answers"]
-    for run in runs[1:]:
-        assert run["answers"] == reference, f"{run['config']}: answers differ from {runs[0]['config']}"
+    runs = [median_run([r[i] for r in rounds]) for i in range(len(rounds[0]))]
+    reference = rounds[0][0]["answers"]
+    for run in (r for rs in rounds for r in rs):
+        assert run["answers"] == reference, f"{run['config']}: answers differ from {rounds[0][0]['config']}"
     one = next((r for r in runs if r["config"] == "ray, 1 actor"), None)
     print(
         f"{args.n} held-out demo scenes, greedy, {args.threads} llama.cpp thread(s) per actor, "
@@ -170,6 +180,7 @@ def main() -> None:
         "parallel": args.parallel,
         "threads": args.threads,
         "batch_size": args.batch_size,
+        "repeat": args.repeat,
         "ray_init_s": round(ray_init_s, 2),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),

@@ -228,7 +228,7 @@ def test_ray_flags_need_ray_and_valid_addresses(tmp_path: Path) -> None:
     runner = CliRunner()
     out = runner.invoke(cli, ["describe", "--out", str(tmp_path / "o"), "--actors", "2", str(image)])
     assert out.exit_code == 2 and "--actors, --out only apply with --ray" in out.output
-    assert valid_address("auto") and valid_address("10.0.0.5:6379") and valid_address("ray://head:10001")
+    assert valid_address("auto") and valid_address("10.0.0.5:6379") and valid_address("head-node:6379")
     assert not valid_address("photos/") and not valid_address("head")
     out = runner.invoke(cli, ["describe", "--ray", str(tmp_path), "--out", "o", str(image)])
     assert out.exit_code == 2 and "is not auto, local or a cluster address" in out.output

@@ -305,6 +305,7 @@ def run_describe_job(
     actors = describe.pop("actors", None) or default_actors(
         describe.get("cpus_per_actor", 1.0), describe.get("gpus_per_actor", 0.0)
     )
+    actors = min(actors, len(plan.units))  # an actor without a block to work on would only load the model
     summary.actors = actors
     results = describe_dataset(dataset, actors=actors, **describe)
     writer = PartWriter(out, fmt, rows_per_part=rows_per_part, seconds_per_part=seconds_per_part, seen=done)

@@ -10,7 +10,7 @@ Contract:
   `also`) without `--ray` is a `click.UsageError`.
 - `--ray` values: `auto` (the cluster named by RAY_ADDRESS or started with `ray start` on this machine,
   else a new local one), `local` (always a new local Ray on this machine), or a cluster address
-  (`HOST:PORT` of the head's GCS, or `ray://HOST:PORT` for Ray Client); anything else is refused at once,
+  (`HOST:PORT` of the head node); anything else is refused at once,
   so a path given right after a bare `--ray` is not taken for an address.
 """
 
@@ -24,7 +24,7 @@ import click
 
 __all__ = ["RAY_ONLY_FLAGS", "ray_options", "ray_requested", "valid_address"]
 
-_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$")
+_ADDRESS = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$|^\[[0-9A-Fa-f:]+\]:\d{1,5}$")
 
 # option name → flag, for the "needs --ray" message.
 RAY_ONLY_FLAGS = {
@@ -47,7 +47,7 @@ def valid_address(value: str) -> bool:
 def _check_address(_ctx: Any, _param: Any, value: str | None) -> str | None:
     if value is not None and not valid_address(value):
         raise click.BadParameter(
-            f"{value!r} is not auto, local or a cluster address (HOST:PORT or ray://HOST:PORT)"
+            f"{value!r} is not auto, local or a cluster address (HOST:PORT of the head node)"
         )
     return value
 
