@@ -235,3 +235,21 @@ def test_make_align_data_on_ray_writes_what_the_local_run_writes(
     local_caps = json.loads((tmp_path / "local" / "filter_cap.json").read_text())["annotations"]
     remote_caps = json.loads((tmp_path / "ray" / "filter_cap.json").read_text())["annotations"]
     assert sorted(map(json.dumps, local_caps)) == sorted(map(json.dumps, remote_caps))
+
+
+def test_a_model_that_fails_on_the_workers_is_one_error_line(
+    ray_address: str, scenes: list[Path], tmp_path: Path
+) -> None:
+    from minigpt4_local.distributed import run_describe_job
+    from minigpt4_local.errors import MiniGPT4Error
+
+    broken = {**JOB, "load_options": LoadOptions(threads=1, decoder="gptq"), "actors": 1}  # the demo has none
+    started = time.monotonic()
+    with pytest.raises(MiniGPT4Error, match=r"^on a Ray worker: bundle .* has no gptq decoder") as info:
+        run_describe_job(scenes[:2], tmp_path, **broken)
+    assert "\n" not in str(info.value) and time.monotonic() - started < 120
+    # The command line sees the same mistake on the driver, before Ray starts.
+    args = ["describe", "--ray", ray_address, "--out", str(tmp_path), "--model", "demo", "--decoder", "gptq"]
+    done = subprocess.run(cli(*args, str(scenes[0])), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("minigpt4: error: bundle ")
+    assert len(done.stderr.splitlines()) == 1

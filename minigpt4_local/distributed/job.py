@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -72,7 +73,9 @@ def _ray() -> Any:
 def _quiet_ray_data() -> None:
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Ray Data logs a failed job's traceback before raising it; the caller gets the exception (the CLI
+    # makes it one line), so its own logging stays quiet.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
@@ -327,15 +330,33 @@ def run_describe_job(
     return summary
 
 
+def _all_text(err: BaseException) -> str:
+    texts, seen, stack = [], set(), [err]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        texts.append(str(current))
+        stack += [e for e in (getattr(current, "cause", None), current.__cause__, current.__context__) if e]
+    return "\n".join(texts)
+
+
 def _timing(summary: JobSummary, started: float) -> None:
     summary.seconds = round(time.perf_counter() - started, 2)
     summary.images_per_s = round(summary.described / summary.seconds, 3) if summary.seconds else 0.0
+
+
+_RAISED_ON_WORKER = re.compile(r"minigpt4_local\.errors\.(\w+): (.+)")
 
 
 def _one_line(err: BaseException) -> BaseException:
     """A Ray failure as one line: the MiniGPT4Error a worker raised, else the innermost message."""
     if isinstance(err, MiniGPT4Error) and type(err).__module__.startswith("minigpt4_local"):
         return err
+    found = _RAISED_ON_WORKER.findall(_all_text(err))
+    if found:  # Ray passes a worker's exception on as text inside its own
+        return MiniGPT4Error(f"on a Ray worker: {found[-1][1]}")
     seen: set[int] = set()
     stack: list[BaseException] = [err]
     innermost = err
@@ -378,14 +399,18 @@ def sampling_overrides(opts: dict[str, Any]) -> dict[str, Any]:
     return {name: opts[name] for name in names if opts.get(name) is not None}
 
 
-def check_sampling(model: str, greedy: bool, overrides: dict[str, Any]) -> None:
-    """Refuse bad sampling settings on the driver, before any actor starts."""
+def check_sampling(
+    model: str, greedy: bool, overrides: dict[str, Any], load_options: LoadOptions | None = None
+) -> None:
+    """Refuse what the driver can see is wrong (the decoder choice, sampling), before any actor starts."""
     import click
 
-    from ..loader import open_model, resolve_model
+    from ..loader import open_model, pick_decoder, resolve_model
     from ..sampling import SamplingOptions
 
-    config = open_model(resolve_model(model), verify=False).config
+    source = open_model(resolve_model(model), verify=False)
+    pick_decoder(source, (load_options or LoadOptions()).decoder)
+    config = source.config
     try:
         SamplingOptions.from_defaults(config.generation, greedy=greedy, **overrides).validate()
     except ValueError as exc:
@@ -426,7 +451,7 @@ def run_ray_describe(
             raise click.UsageError(f"{flag} does not apply with --ray (results go to --out)")
     model = model_for_workers(opts.get("model"))
     overrides = sampling_overrides(opts)
-    check_sampling(model, bool(opts.get("greedy")), overrides)
+    check_sampling(model, bool(opts.get("greedy")), overrides, load_options)
     cpus = opts.get("cpus_per_actor") or 1.0
     started_ray = connect(opts["ray"])
     try:
