@@ -101,8 +101,8 @@ def _engine_options(f: Any) -> Any:
         click.option(
             "--parallel",
             type=click.IntRange(1, 256),
-            help="Answers decoded together (GGUF bundles: one batched llama.cpp context; default 8, "
-            "measured fastest on a 2-core CPU). The torch and GPTQ decoders run one at a time.",
+            help="Answers decoded together (GGUF bundles: one batched llama.cpp context; default 4, "
+            "see README). The torch and GPTQ decoders run one at a time.",
         ),
         click.option(
             "--image-cache-mb",

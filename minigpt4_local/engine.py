@@ -47,7 +47,7 @@ from .vision_worker import VisionWorker
 __all__ = ["DEFAULT_IMAGE_CACHE_MB", "DEFAULT_PARALLEL", "Engine", "EngineBusy", "EngineClosed", "Job"]
 
 # Slots decoded together by default (benchmarks/bench_engine.py on a 2-core CPU; see RESULTS.md).
-DEFAULT_PARALLEL = 8
+DEFAULT_PARALLEL = 4
 DEFAULT_IMAGE_CACHE_MB = 256.0
 DEFAULT_MAX_QUEUE = 1024
 

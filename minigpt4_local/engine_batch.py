@@ -6,12 +6,13 @@ Contract:
   (`kv_unified=False`, `ctx` cells each): with separate streams every logit of a sequence is bit-identical
   to decoding it alone (stack-probe.md; tests/test_engine.py keeps checking it), so answers never depend
   on what else is running. Slot i is llama.cpp sequence i.
-- `step(ready, take)` runs one scheduler step on the engine thread: finished/cancelled slots are
-  released, ready requests are admitted into free slots (`take()` pops the next one; the free slot whose
-  `PrefixCache` shares the longest prefix with the new prompt wins, and only the positions after that
-  prefix are removed with `llama_memory_seq_rm` and prefilled again), then ONE round of decoding: an
-  embedding batch with the image rows of prefilling slots (if any), then a token batch with the next
-  token of every generating slot plus text-prefill chunks, up to `n_batch` rows in all. Each slot's
+- `admit(request)` puts a request whose embeddings are ready into a free slot: the one whose
+  `PrefixCache` shares the longest prefix with the new prompt; only the positions after that prefix are
+  removed (`llama_memory_seq_rm`) and prefilled again.
+- `step()` runs one round on the engine thread: cancelled slots are released, then ONE token batch with
+  the next token of every generating slot (one row per sequence: llama.cpp keeps it in one ubatch),
+  then prefill of admitted slots, one sequence per decode call (token runs as token batches, image rows
+  as embedding batches, as `LlamaCppDecoder.prefill` does), up to `n_batch` rows per step. Each slot's
   next token is sampled right after the decode that produced its logits row.
 - Per slot the decoding rules are exactly `LlamaCppDecoder.generate`'s: EOS blocked for the first
   max(min_length - prompt positions, 0) tokens, plain greedy = numpy argmax, anything else llama.cpp's
@@ -219,80 +220,59 @@ class BatchedScheduler:
             if slot.request is not None and slot.request.job.cancel_requested:
                 self._end(slot, "cancelled")
         tok, emb = self._tokens, self._embds
+        # 1. The next token of every generating slot. One row per sequence keeps the batch in one
+        #    ubatch: with per-sequence KV streams llama.cpp splits a batch into ubatches holding the same
+        #    number of rows per sequence, so a prefill run mixed in would cut it into many small ones.
         tok.clear()
-        emb.clear()
-        tok_out: list[tuple[_Slot, int]] = []
-        emb_out: list[tuple[_Slot, int]] = []
-        budget = self.n_batch
+        outputs: list[tuple[_Slot, int]] = []
         for slot in self.slots:
             if slot.request is not None and slot.next_token is not None:
-                row = tok.add_tokens(
-                    np.array([slot.next_token], dtype=np.int32), slot.n_past, slot.index, True
-                )
+                token = np.array([slot.next_token], dtype=np.int32)
+                row = tok.add_tokens(token, slot.n_past, slot.index, True)
                 slot.prefix.extend((slot.next_token,))
                 slot.n_past += 1
                 slot.next_token = None
-                tok_out.append((slot, row))
-                budget -= 1
+                outputs.append((slot, row))
+        if outputs:
+            self._run_batch(tok, outputs, [s for s, _ in outputs])
+        # 2. Prefill of admitted slots, one sequence per decode call, up to n_batch rows per step.
+        budget = self.n_batch
         prefilling = sorted(
             (s for s in self.slots if s.request is not None and s.pending), key=lambda s: s.admitted
         )
         for slot in prefilling:
-            if budget <= 0:
-                break
-            budget -= self._prefill_chunk(slot, budget, tok, emb, tok_out, emb_out)
-        involved = [s for s, _ in emb_out + tok_out] + prefilling
+            while budget > 0 and slot.request is not None and slot.pending:
+                part = slot.pending[0]
+                is_embd = part.ndim == 2
+                batch = emb if is_embd else tok
+                batch.clear()
+                piece = part[: min(budget, batch.capacity)]
+                n = len(piece)
+                last = n == len(part) and len(slot.pending) == 1
+                if is_embd:
+                    row = batch.add_embeddings(piece, slot.n_past, slot.index, last)
+                    slot.prefix.extend(row_digests(piece))
+                else:
+                    row = batch.add_tokens(piece, slot.n_past, slot.index, last)
+                    slot.prefix.extend(piece.tolist())
+                slot.n_past += n
+                budget -= n
+                if n == len(part):
+                    slot.pending.pop(0)
+                else:
+                    slot.pending[0] = part[n:]
+                self._run_batch(batch, [(slot, row)] if last else [], [slot])
+
+    def _run_batch(self, batch: MultiBatch, outputs: list[tuple[_Slot, int]], involved: list[_Slot]) -> None:
+        """Decode `batch`, then sample for the slots whose logits row it produced."""
         try:
-            if emb.size:
-                self._decode(emb)
-                self._sample(emb_out)
-            if tok.size:
-                self._decode(tok)
-                self._sample(tok_out)
+            self._decode(batch)
         except MiniGPT4Error as exc:
-            for slot in {s.index: s for s in involved}.values():
+            for slot in involved:
                 if slot.request is not None:
                     self._fail(slot, exc)
-
-    def _prefill_chunk(
-        self,
-        slot: _Slot,
-        budget: int,
-        tok: MultiBatch,
-        emb: MultiBatch,
-        tok_out: list[tuple[_Slot, int]],
-        emb_out: list[tuple[_Slot, int]],
-    ) -> int:
-        """Move up to `budget` of the slot's pending positions into the batches: an embedding run, and
-        the text run after it (the embedding batch is decoded first); returns the rows used."""
-        used = 0
-        while slot.pending and used < budget:
-            part = slot.pending[0]
-            is_embd = part.ndim == 2
-            batch = emb if is_embd else tok
-            room = min(budget - used, batch.room)
-            if room <= 0:
-                break
-            piece = part[:room]
-            n = len(piece)
-            last = n == len(part) and len(slot.pending) == 1
-            if is_embd:
-                row = batch.add_embeddings(piece, slot.n_past, slot.index, last)
-                slot.prefix.extend(row_digests(piece))
-            else:
-                row = batch.add_tokens(piece, slot.n_past, slot.index, last)
-                slot.prefix.extend(piece.tolist())
-            slot.n_past += n
-            used += n
-            if n == len(part):
-                slot.pending.pop(0)
-            else:
-                slot.pending[0] = part[n:]
-            if last:
-                (emb_out if is_embd else tok_out).append((slot, row))
-            if not is_embd:
-                break  # a text run ends this step's share: an image after it needs the embedding batch
-        return used
+            return
+        self._sample(outputs)
 
     def _decode(self, batch: MultiBatch) -> None:
         code = int(self._lib.llama_decode(self.context.handle, batch.batch))

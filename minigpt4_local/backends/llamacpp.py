@@ -19,6 +19,9 @@ Contract:
   each token with its newly completed UTF-8 text. The ids returned are stripped with `stop.strip` when
   `stop` has it (the torch backend's convention), else returned as generated. Every sampled token
   except the last is in the KV cache afterwards.
+- `release_context()` frees the context and batches but keeps the model (and the vocabulary) for the
+  engine, which decodes in a multi-sequence context of its own on `model`; `n_threads`, `kv_type` and
+  `flash_attn` record how the context was built so the engine's is built alike.
 - `history` lists what the KV cache holds (token ids, and a content digest per embedding row);
   `truncate(n)` keeps the first n positions; `reset()` clears it. Multi-turn chat re-prefills only
   the part of a new prompt that differs from `history` (`LlamaCppPipelineDecoder` does this).
