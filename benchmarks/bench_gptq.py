@@ -53,12 +53,16 @@ def _smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
+def default_model_dirs(work: Path) -> tuple[Path, Path]:
+    return work / "smollm2-hf", work / "smollm2-gptq-4bit-g64"
+
+
 def build_default_models(work: Path) -> tuple[Path, Path]:
     """SmolLM2 as an HF directory and its GPTQ copy (cached under `work`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    hf_dir, gptq_dir = work / "smollm2-hf", work / "smollm2-gptq-4bit-g64"
+    hf_dir, gptq_dir = default_model_dirs(work)
     if not (hf_dir / "config.json").is_file():
         gguf = _smollm2_gguf()
         print(f"building {hf_dir} from {gguf.name} (transformers GGUF loader, ~40 s)", file=sys.stderr)
@@ -71,7 +75,7 @@ def build_default_models(work: Path) -> tuple[Path, Path]:
         fresh.save_pretrained(hf_dir)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(hf_dir)
     if not (gptq_dir / "quantize_config.json").is_file():
-        from minigpt4_local.backends.gptq_backend import quiet_gptqmodel, require_gptq_runtime
+        from minigpt4_local.backends.gptq_runtime import quiet_gptqmodel, require_gptq_runtime
         from minigpt4_local.tokenizer import load_tokenizer
 
         print(f"building {gptq_dir} (GPTQModel, 4-bit group 64, ~1-2 min on CPU)", file=sys.stderr)
@@ -96,7 +100,8 @@ def _rss_mib() -> float:
 def _load(args: argparse.Namespace) -> Any:
     import torch
 
-    from minigpt4_local.backends.gptq_backend import GptqLLM, load_gptq_llm, read_gptq_dir
+    from minigpt4_local.backends.gptq_checkpoint import read_gptq_dir
+    from minigpt4_local.backends.gptq_runtime import GptqLLM, load_gptq_llm
 
     if args.worker == "torch":
         from transformers import AutoModelForCausalLM
@@ -134,7 +139,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     if args.worker != "torch":
-        from minigpt4_local.backends.gptq_backend import require_gptq_runtime
+        from minigpt4_local.backends.gptq_runtime import require_gptq_runtime
 
         require_gptq_runtime()  # GPTQModel's imports count as base, not as the model
     base_rss = _rss_mib()
@@ -257,13 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="Run every backend this many times (medians).")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "minigpt4-local" / "bench-gptq")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.build_only:
+        build_default_models(args.work)
+        return 0
     if args.hf_dir is None or args.gptq_dir is None:
         args.work.mkdir(parents=True, exist_ok=True)
-        args.hf_dir, args.gptq_dir = build_default_models(args.work)
+        # Built in a child process: Linux carries a process's peak RSS over fork + exec, so models built
+        # in this process would show up as every worker's peak memory.
+        built = subprocess.run(
+            [sys.executable, __file__, "--build-only", "--work", str(args.work)], check=False
+        )
+        if built.returncode != 0:
+            raise SystemExit(f"building the default models under {args.work} failed (see above)")
+        args.hf_dir, args.gptq_dir = default_model_dirs(args.work)
     backends = ["torch"] + [f"gptq:{k.strip()}" for k in args.kernels.split(",") if k.strip()]
     runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
     for round_index in range(args.rounds):  # alternate the order: the machine's load drifts over time

@@ -13,7 +13,8 @@ project's `OnnxVisionEncoder`, and times `encode` against `MiniGPT4.encode_image
 torch and ORT use the same thread count (all cores by default). Runs are interleaved round-robin
 (one call of every backend per round) so load drift on a shared machine hits all backends alike;
 the median of `--repeats` rounds is reported after one warm-up round. Prints a table, the accuracy
-each bundle recorded at export, and ends with ONE JSON line (all numbers).
+each bundle recorded at export (int8: per-tensor and per-channel weight scales, both measured; the
+exporter keeps the better), and ends with ONE JSON line (all numbers).
 
 Configs: `tiny` = the tiny-vicuna-7b preset (56 px, ViT 2×32); `mid` = ViT-B-sized vision side
 (224 px / 14, ViT 12 layers × 768, 12 heads, MLP 3072) + the real Q-Former shape (12 × 768, 32
@@ -107,6 +108,8 @@ def make_backends(
         part = export_vision_model(model, work / precision, precision, n_verify=2, fp32_graph=graph)
         v = part["verification"]
         accuracy[precision] = {k: v[k] for k in ("max_abs", "max_rel", "mean_cosine", "min_cosine")}
+        if "alternatives" in v:  # int8: per-tensor and per-channel weight scales, both measured
+            accuracy[precision]["alternatives"] = v["alternatives"]
         log(f"  {precision} bundle in {time.perf_counter() - t0:.1f} s (max_abs {v['max_abs']:.3g})")
         encoder = OnnxVisionEncoder(work / precision, providers=args.providers, threads=args.threads)
         run = encoder.encode_ortvalue if encoder.device == "cuda" else encoder.encode
@@ -203,6 +206,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f"  {result['config']:<6} {precision:<5} max_abs {a['max_abs']:.3g}  max_rel {a['max_rel']:.3g}  "
                 f"min cosine {a['min_cosine']:.6f}"
             )
+            for alt in a.get("alternatives", []):
+                scales = "per-channel" if alt.get("int8", {}).get("per_channel") else "per-tensor"
+                print(
+                    f"    {scales:<11} max_abs {alt['max_abs']:.3g}  max_rel {alt['max_rel']:.3g}  "
+                    f"min cosine {alt['min_cosine']:.6f}"
+                )
 
 
 def main(argv: list[str] | None = None) -> None:

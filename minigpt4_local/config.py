@@ -8,6 +8,8 @@ Contract:
 - `MiniGPT4Config.from_dict` / `load_config` reject unknown keys and inconsistent values with a
   `ConfigError` that names the offending key (e.g. `llm.hidden_size`).
 - `save_config` writes the JSON that sits beside the weights in a model directory.
+- Generation defaults are the Oct 2023 demo's, except that a config whose `prompt.template` is
+  `vicuna_v0_april` gets the April 2023 demo's repetition penalty 1.0 unless it sets one.
 Numbers come from docs/numerics.md (§2–13).
 """
 
@@ -29,6 +31,15 @@ CONFIG_VERSION = 1
 # Image normalisation of the original (BLIP-2 / EVA-CLIP statistics), docs/numerics.md §2.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Repetition penalty of each release's demo: the Oct 2023 one used 1.05, the April 2023 one 1.0.
+DEFAULT_REPETITION_PENALTY = 1.05
+TEMPLATE_REPETITION_PENALTY = {"vicuna_v0_april": 1.0}
+
+
+def default_repetition_penalty(template: str) -> float:
+    """The repetition penalty a config with this prompt template gets unless it sets one."""
+    return TEMPLATE_REPETITION_PENALTY.get(template, DEFAULT_REPETITION_PENALTY)
 
 
 @dataclass
@@ -120,7 +131,12 @@ class PromptConfig:
 
 @dataclass
 class GenerationDefaults:
-    """The original demo's decoding defaults (Oct 2023 release)."""
+    """The original demo's decoding defaults (Oct 2023 release).
+
+    `repetition_penalty` None means "the prompt template's": `MiniGPT4Config` resolves it on
+    construction (`default_repetition_penalty`: 1.0 for `vicuna_v0_april`, else 1.05), so a config's
+    `generation.repetition_penalty` is always a number.
+    """
 
     max_new_tokens: int = 300
     num_beams: int = 1
@@ -128,7 +144,7 @@ class GenerationDefaults:
     temperature: float = 1.0
     top_p: float = 0.9
     top_k: int = 50
-    repetition_penalty: float = 1.05
+    repetition_penalty: float | None = None
     length_penalty: float = 1.0
     min_length: int = 1
 
@@ -142,6 +158,11 @@ class MiniGPT4Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    def __post_init__(self) -> None:
+        if self.generation.repetition_penalty is None:  # not set: the template's release default
+            penalty = default_repetition_penalty(self.prompt.template)
+            self.generation = dataclasses.replace(self.generation, repetition_penalty=penalty)
 
     # ----- derived dimensions -------------------------------------------------------------
     @property
@@ -281,6 +302,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(_NESTED[key], value, prefix=f"{path}.")
             continue
         default: Any = known[key].default
+        if cls is GenerationDefaults and key == "repetition_penalty":
+            default = DEFAULT_REPETITION_PENALTY  # a number, or null for the template's default
+            if value is None:
+                kwargs[key] = None
+                continue
         factory = known[key].default_factory
         if default is dataclasses.MISSING and callable(factory):
             default = factory()

@@ -32,7 +32,9 @@ class SamplingOptions:
         cls, defaults: GenerationDefaults, greedy: bool = False, **overrides: object
     ) -> SamplingOptions:
         base = {
-            f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if hasattr(cls, f.name)
+            f.name: getattr(defaults, f.name)
+            for f in dataclasses.fields(defaults)
+            if hasattr(cls, f.name) and getattr(defaults, f.name) is not None  # None: our own default
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         options = cls(**base)

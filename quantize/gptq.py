@@ -49,13 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minigpt4_local.backends.gptq_backend import (
-    GPTQ_DIR,
-    GPTQ_PART,
-    load_gptq_llm,
-    quiet_gptqmodel,
-    require_gptq_runtime,
-)
+from minigpt4_local.backends.gptq_checkpoint import GPTQ_DIR, GPTQ_PART
+from minigpt4_local.backends.gptq_runtime import load_gptq_llm, quiet_gptqmodel, require_gptq_runtime
 from minigpt4_local.config import LLMConfig, MiniGPT4Config
 from minigpt4_local.devices import default_precision, resolve_device, torch_dtype
 from minigpt4_local.errors import ConfigError, MiniGPT4Error, ModelDirError
@@ -219,8 +214,10 @@ class _Job:
         s = self.settings
         qcfg = {"bits": s.bits, "group_size": s.group_size, "desc_act": s.desc_act, "sym": s.sym}
         qcfg.update(damp_percent=s.damp_percent, offload_to_disk=False)
-        if s.desc_act:
-            qcfg["act_group_aware"] = False  # GPTQModel's group-aware reordering excludes desc_act
+        if s.desc_act or s.group_size <= 0:
+            # GPTQModel's group-aware reordering excludes desc_act and needs groups (7.6 refuses
+            # group_size -1 with it on: "act_group_aware=True requires group_size > 0").
+            qcfg["act_group_aware"] = False
         with quiet_gptqmodel():
             quant_config = self.gptqmodel.QuantizeConfig(**qcfg)
             self.qmodel = self.gptqmodel.GPTQModel.load(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-# Kept in sync with gptq_backend.KERNELS (not imported here so `--help` stays instant).
+# Kept in sync with gptq_runtime.KERNELS (not imported here so `--help` stays instant).
 KERNEL_CHOICES = (
     "auto", "marlin", "exllama_v2", "machete", "triton", "bitblas", "torch", "torch_fused", "torch_int8", "aten",
 )  # fmt: skip

@@ -344,6 +344,57 @@ def test_read_llm_dims_from_shapes(tmp_path: Path, tokenizer_dir: Path) -> None:
     assert dims.to_llm_config(llm) == llm
 
 
+def test_hf_config_maps_to_llm_config_in_one_place(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from minigpt4_local.checkpoints.hf_llama import llm_config_from_hf, read_llm_config
+    from minigpt4_local.config import LLMConfig
+
+    smollm2 = {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    assert llm_config_from_hf(smollm2) == LLMConfig(
+        576, 30, 9, 3, 1536, 49152, 1e-5, 100000.0, 8192, True, 1, 2
+    )
+    v0 = {k: smollm2[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}
+    v0.update(intermediate_size=1536, max_sequence_length=512)  # Vicuna v0: no kv heads, max_sequence_length
+    llm = llm_config_from_hf(v0)
+    assert (llm.num_kv_heads, llm.max_position_embeddings, llm.rope_theta, llm.rms_norm_eps) == (
+        9,
+        512,
+        1e4,
+        1e-6,
+    )
+    with pytest.raises(CheckpointError) as err:
+        llm_config_from_hf({k: v for k, v in smollm2.items() if k != "num_attention_heads"}, "x/config.json")
+    assert one_line(err) == "x/config.json: missing num_attention_heads"
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        llm_config_from_hf({**smollm2, "hidden_size": "576"})
+
+    # A directory with weights: dims from the tensor shapes and the tokenizer, config.json checked against them.
+    cfg = get_preset(VICUNA)
+    write_hf_llama_dir(tmp_path / "llm", cfg, tokenizer_dir, vicuna_quirks=False)
+    assert read_llm_config(tmp_path / "llm") == read_llm_dims(tmp_path / "llm").to_llm_config() == cfg.llm
+    config = json.loads((tmp_path / "llm" / "config.json").read_text())
+    (tmp_path / "llm" / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
+    with pytest.raises(CheckpointError) as err:
+        read_llm_config(tmp_path / "llm")
+    assert "num_key_value_heads is 2 but the weights say 4" in one_line(err)
+    (tmp_path / "alone").mkdir()  # config.json alone: taken as it is
+    (tmp_path / "alone" / "config.json").write_text(json.dumps(smollm2))
+    assert read_llm_config(tmp_path / "alone") == llm_config_from_hf(smollm2)
+
+
 def test_broken_llm_dirs_fail(tmp_path: Path, tokenizer_dir: Path) -> None:
     cfg = get_preset(VICUNA)
     small = cfg.copy()

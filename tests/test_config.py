@@ -106,3 +106,44 @@ def test_bad_files_give_one_line_errors(tmp_path: Path) -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset("minigpt4-vicuna-70b")
+
+
+def test_april_template_defaults_to_no_repetition_penalty() -> None:
+    """The April 2023 demo decoded with repetition penalty 1.0, the Oct 2023 one with 1.05."""
+    from minigpt4_local.config import GenerationDefaults, PromptConfig
+    from minigpt4_local.sampling import SamplingOptions
+
+    april = get_preset("minigpt4-vicuna-7b").to_dict()
+    april["prompt"]["template"] = "vicuna_v0_april"
+    del april["generation"]["repetition_penalty"]
+    assert MiniGPT4Config.from_dict(april).generation.repetition_penalty == 1.0
+    del april["generation"]
+    assert MiniGPT4Config.from_dict(april).generation.repetition_penalty == 1.0
+    april["generation"] = {"repetition_penalty": 1.05}  # an explicit value is kept
+    assert MiniGPT4Config.from_dict(april).generation.repetition_penalty == 1.05
+
+    october = get_preset("minigpt4-vicuna-7b").to_dict()
+    del october["generation"]["repetition_penalty"]
+    assert MiniGPT4Config.from_dict(october).generation.repetition_penalty == 1.05
+
+    built = MiniGPT4Config(prompt=PromptConfig(template="vicuna_v0_april"))
+    assert built.generation.repetition_penalty == 1.0
+    assert SamplingOptions.from_defaults(built.generation).repetition_penalty == 1.0
+    shared = GenerationDefaults(max_new_tokens=20)  # penalty not given: each config applies its template's
+    assert (
+        MiniGPT4Config(
+            prompt=PromptConfig(template="vicuna_v0_april"), generation=shared
+        ).generation.repetition_penalty
+        == 1.0
+    )
+    assert MiniGPT4Config(generation=shared).generation.repetition_penalty == 1.05
+    explicit = GenerationDefaults(repetition_penalty=1.05)
+    assert (
+        MiniGPT4Config(
+            prompt=PromptConfig(template="vicuna_v0_april"), generation=explicit
+        ).generation.repetition_penalty
+        == 1.05
+    )
+    assert (
+        SamplingOptions.from_defaults(GenerationDefaults()).repetition_penalty == 1.05
+    )  # standalone defaults

@@ -239,6 +239,26 @@ def test_demo_config_reads_the_decoder_dims(tmp_path: Path) -> None:
     assert config.prompt.system == "" and not config.generation.do_sample
 
 
+def test_demo_config_checks_a_full_decoder_dir_against_its_weights(tmp_path: Path) -> None:
+    from minigpt4_local.errors import CheckpointError
+    from minigpt4_local.train.demo import demo_config
+    from tests.support.checkpoints import write_hf_llama_dir
+    from tests.support.tiny_tokenizer import make_tiny_sentencepiece
+
+    cfg = get_preset("tiny-vicuna-7b")
+    tokenizer = make_tiny_sentencepiece(tmp_path / "tok", vocab_size=1000)
+    write_hf_llama_dir(tmp_path / "llm", cfg, tokenizer, vicuna_quirks=False, n_shards=1)
+    assert demo_config(tmp_path / "llm").llm == cfg.llm  # the shared dims table: shapes + tokenizer ids
+    config = json.loads((tmp_path / "llm" / "config.json").read_text())
+    (tmp_path / "llm" / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    with pytest.raises(CheckpointError, match="hidden_size is 128 but the weights say 64"):
+        demo_config(tmp_path / "llm")
+    del config["num_key_value_heads"]  # config.json alone, without kv heads (older LLaMA): one per head
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "config.json").write_text(json.dumps(config))
+    assert demo_config(tmp_path / "alone").llm.num_kv_heads == cfg.llm.num_heads
+
+
 def test_match_projection_scale() -> None:
     import torch
 

@@ -45,9 +45,9 @@ def _dequantize(
     pack, mask = 32 // bits, (1 << bits) - 1
     shifts = np.arange(pack, dtype=np.uint32) * bits
     q = (qweight.view(np.uint32)[:, None, :] >> shifts[None, :, None]) & mask  # (in/pack, pack, out)
-    q = q.reshape(-1, qweight.shape[1]).astype(np.float32)  # (in, out)
+    q = q.reshape(-1, qweight.shape[1])[: len(g_idx)].astype(np.float32)  # (in, out); packing padding cut
     z = (qzeros.view(np.uint32)[:, :, None] >> shifts[None, None, :]) & mask  # (groups, out/pack, pack)
-    z = z.reshape(qzeros.shape[0], -1).astype(np.float32) + 1  # v1 stores zero - 1
+    z = z.reshape(qzeros.shape[0], -1)[:, : scales.shape[1]].astype(np.float32) + 1  # v1 stores zero - 1
     return (scales.astype(np.float32)[g_idx] * (q - z[g_idx])).T
 
 
@@ -93,7 +93,7 @@ def _tiny_llm() -> LLMConfig:
 
 
 def test_read_gptq_dir_accepts_matching_and_refuses_mismatched_dims(tmp_path: Path) -> None:
-    from minigpt4_local.backends.gptq_backend import read_gptq_dir
+    from minigpt4_local.backends.gptq_checkpoint import read_gptq_dir
 
     info = read_gptq_dir(_fake_gptq_dir(tmp_path / "ok"), _tiny_llm())
     assert (info.bits, info.group_size, info.desc_act) == (4, 32, False)
@@ -111,7 +111,7 @@ def test_read_gptq_dir_accepts_matching_and_refuses_mismatched_dims(tmp_path: Pa
 def test_missing_gptqmodel_is_one_line_with_install_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
 
     monkeypatch.setitem(sys.modules, "gptqmodel", None)  # `import gptqmodel` now raises ImportError
     with pytest.raises(DependencyError) as info:
@@ -121,7 +121,7 @@ def test_missing_gptqmodel_is_one_line_with_install_hint(
 
 
 def test_gpu_only_kernel_on_cpu_is_refused_before_loading(tmp_path: Path) -> None:
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
 
     with pytest.raises(DependencyError, match="marlin needs a CUDA GPU"):
         load_gptq_llm(_fake_gptq_dir(tmp_path / "g"), device="cpu", kernel="marlin")
@@ -305,7 +305,7 @@ def test_checkpoint_is_standard_gptq(tiny: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minigpt4_local.backends.gptq_backend import load_gptq_llm
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
 
     gptq_dir = tiny["bundle"] / "llm-gptq"
     packed = _load_safetensors_dir(gptq_dir)
@@ -427,7 +427,8 @@ def test_torch_vision_pairs_with_gptq_decoder(tiny: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_mismatched_or_unrunnable_checkpoint_is_refused(tiny: dict[str, Any]) -> None:
-    from minigpt4_local.backends.gptq_backend import GptqDecoder, load_gptq_llm
+    from minigpt4_local.backends.gptq_backend import GptqDecoder
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
     from minigpt4_local.stitching import ImagePart, StitchPlan, TextPart
 
     gptq_dir = tiny["bundle"] / "llm-gptq"
@@ -473,6 +474,180 @@ def test_text_source_holds_out_its_tail(tiny: dict[str, Any], tmp_path: Path) ->
     assert part["quality"]["agreement"]["on"] == "1 synthetic image(s)"
     assert result.quality.gptq_ppl is not None and result.quality.gptq_ppl.n_scored >= 32
     assert Bundle.open(out).has_part("tokenizer")  # a bundle without one gets the source's tokenizer
+
+
+@pytest.mark.slow
+def test_asymmetric_checkpoint_round_trips(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """sym=False: the runtime computes with the stored zero points (GPTQModel 7.6's TorchFused CPU kernel
+    drops them, assuming the symmetric midpoint: relative layer error 0.39 instead of ~0.006)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
+    from minigpt4_local.bundle import Bundle
+    from minigpt4_local.quantize.gptq import GptqSettings, quantize_gptq
+
+    text = tmp_path / "calib.txt"
+    text.write_text(
+        " ".join(
+            f"a {c} {s} stands in the {p}."
+            for c in ("red", "blue", "green")
+            for s in ("cube", "ring")
+            for p in ("left", "middle")
+        )
+        * 10
+    )
+    settings = GptqSettings(group_size=GROUP, sym=False, seq_len=64, eval_prompts=1, eval_new_tokens=8)
+    result = quantize_gptq(tiny["model_dir"], tmp_path / "bundle", text, settings)
+    part = Bundle.open(tmp_path / "bundle").part("llm_gptq")
+    assert part["sym"] is False and part["kernel"] == result.kernel
+    assert json.loads((result.gptq_dir / "quantize_config.json").read_text())["sym"] is False
+
+    packed = _load_safetensors_dir(result.gptq_dir)
+    original = _load_safetensors_dir(tiny["model_dir"] / "llm")
+    dense = {
+        n: _dequantize(*(packed[f"{n}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+        for n in _linear_names(packed)
+    }
+    zeros = np.concatenate(
+        [
+            (
+                (packed[f"{n}.qzeros"].view(np.uint32)[..., None] >> np.arange(0, 32, 4, dtype=np.uint32))
+                & 15
+            ).ravel()
+            for n in dense
+        ]
+    )
+    assert (
+        len(np.unique(zeros)) > 3
+    )  # really asymmetric: zero points vary (a sym checkpoint stores 7 everywhere)
+    for name, weight in dense.items():
+        ref = original[f"{name}.weight"]
+        assert np.linalg.norm(weight - ref) / np.linalg.norm(ref) < 0.2, (
+            name
+        )  # the stored checkpoint is right
+
+    runtime = load_gptq_llm(result.gptq_dir, device="cpu")  # the kernel the GPTQ decoder picks by default
+    checked = 0
+    for name, module in runtime.model.named_modules():
+        if f"{name}.qweight" in packed:
+            x = torch.randn(3, 5, dense[name].shape[1], generator=torch.Generator().manual_seed(0))
+            want = x @ torch.from_numpy(dense[name]).T
+            with torch.no_grad():
+                got = module(x.to(runtime.dtype)).float()
+            rel = float((got - want).norm() / want.norm())
+            assert rel < 0.02, f"{name}: relative output error {rel:.3f} (measured ~0.006)"
+            checked += 1
+    assert checked == len(dense) == 2 * len(QUANTIZED)
+
+    # Whole model: logits ≈ an fp32 LLaMA holding the numpy-dequantized weights.
+    reference = LlamaForCausalLM.from_pretrained(str(tiny["model_dir"] / "llm"), dtype=torch.float32).eval()
+    reference.load_state_dict({f"{n}.weight": torch.from_numpy(w) for n, w in dense.items()}, strict=False)
+    ids = torch.tensor([[1, *range(40, 100, 3)]])
+    with torch.no_grad():
+        want = reference(ids).logits
+        got = runtime.model(ids.to(runtime.device)).logits.float()
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    assert 0.5 < result.quality.ppl_ratio < 1.5  # the recorded quality comes from the same runtime path
+
+    with pytest.raises(DependencyError, match="zero points"):
+        load_gptq_llm(result.gptq_dir, device="cpu", kernel="torch_fused")
+
+
+@pytest.mark.slow
+def test_loading_a_gptq_pipeline_from_library_code_prints_nothing(tiny: dict[str, Any]) -> None:
+    """A library user's process: import, load the GPTQ pipeline, answer; stdout and stderr stay empty
+    (transformers imports torchao, whose import logs failed CUDA extensions; GPTQModel prints banners)."""
+    import os
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from minigpt4_local.loader import LoadOptions, load_pipeline\n"
+        "from minigpt4_local.image import load_image\n"
+        "pipe = load_pipeline(sys.argv[1], LoadOptions(decoder='gptq', device='cpu'))\n"
+        "answer = pipe.describe(load_image(sys.argv[2]), 'What is this?', pipe.sampling(greedy=True, max_new_tokens=4))\n"
+        "assert answer.token_ids\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "MINIGPT4_DEBUG")}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiny["bundle"]), str(tiny["images"] / "img5.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (done.stdout, done.stderr) == ("", "")
+
+
+@pytest.mark.slow
+def test_group_size_minus_one_on_a_width_no_group_divides(tmp_path: Path) -> None:
+    """FFN width 172: no group size divides it, the error recommends -1, and -1 quantizes and runs
+    (GPTQModel 7.6 refuses -1 with act_group_aware on; on CPU only its plain torch kernel takes it)."""
+    import torch
+    from click.testing import CliRunner
+
+    from minigpt4_local.backends.gptq_runtime import load_gptq_llm
+    from minigpt4_local.checkpoints.model_dir import save_model_dir
+    from minigpt4_local.model import MiniGPT4
+    from minigpt4_local.quantize.gptq_cli import gptq_command
+
+    config = get_preset("tiny-vicuna-7b")
+    config.llm = dataclasses.replace(_tiny_llm(), intermediate_size=172)
+    torch.manual_seed(0)
+    model = MiniGPT4(config)
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0, 0.5 if name.startswith(("model.embed_tokens", "lm_head")) else 0.02)
+    model_dir = save_model_dir(model, make_tiny_sentencepiece(tmp_path / "tok"), tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    text.write_text(
+        " ".join(
+            f"the {w} picture shows a {c} scene." for w in ("old", "new", "big") for c in ("red", "dark")
+        )
+        * 16
+    )
+    args = [str(model_dir), "--out", str(tmp_path / "bundle"), "--calibration", str(text)]
+    args += ["--seq-len", "64", "--eval-tokens", "8"]
+
+    refused = CliRunner().invoke(gptq_command, [*args, "--group-size", "32"])
+    assert refused.exit_code != 0 and "does not divide the decoder's FFN width (172); use -1" in str(
+        refused.exception
+    )
+    result = CliRunner().invoke(gptq_command, [*args, "--group-size", "-1"])
+    if result.exception is not None:
+        raise result.exception
+    part = json.loads(result.stdout.strip().splitlines()[-1])
+    assert part["group_size"] == -1 and 0.5 < part["quality"]["perplexity"]["ratio"] < 1.5
+
+    gptq_dir = tmp_path / "bundle" / "llm-gptq"
+    packed = _load_safetensors_dir(gptq_dir)
+    original = _load_safetensors_dir(model_dir / "llm")
+    runtime = load_gptq_llm(gptq_dir, device="cpu")
+    assert runtime.kernel == part["kernel"]
+    checked = 0
+    for name, module in runtime.model.named_modules():
+        if f"{name}.qweight" not in packed:
+            continue
+        dense = _dequantize(*(packed[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")))
+        ref = original[f"{name}.weight"]
+        assert dense.shape == ref.shape and np.linalg.norm(dense - ref) / np.linalg.norm(ref) < 0.2, name
+        x = torch.randn(2, 3, dense.shape[1], generator=torch.Generator().manual_seed(0))
+        want = x @ torch.from_numpy(dense).T
+        with torch.no_grad():
+            got = module(x.to(runtime.dtype)).float()
+        assert float((got - want).norm() / want.norm()) < 0.02, name
+        checked += 1
+    assert checked == 2 * len(QUANTIZED)
+    with (
+        torch.no_grad()
+    ):  # a whole forward pass runs (TorchFused would fail here: widths not divisible by 16)
+        assert torch.isfinite(runtime.model(torch.tensor([[1, 5, 9, 13]])).logits).all()
+    with pytest.raises(DependencyError, match="per-channel"):
+        load_gptq_llm(gptq_dir, device="cpu", kernel="torch_fused")
 
 
 # ----- SmolLM2-135M (real weights, dequantized from the bundled GGUF) ----------------------------------

