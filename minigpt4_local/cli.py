@@ -192,6 +192,12 @@ def _sampling_from(pipeline: Any, opts: dict[str, Any]) -> Any:
         raise click.UsageError(str(exc)) from None
 
 
+def _print_now(text: str) -> None:
+    """Streamed answer text: shown at once."""
+    click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
 def _err(message: str) -> None:
     click.echo(f"minigpt4: error: {message}", err=True)
 
@@ -202,7 +208,7 @@ def _err(message: str) -> None:
 # Commands of the tool folders (export/, quantize/, train/), imported only when one of them runs (or
 # `--help` lists them), so the core never imports its tools at import time: name -> (module, attribute).
 TOOL_COMMANDS: dict[str, tuple[str, str]] = {
-    "eval-demo": ("minigpt4_local.train.demo_cli", "eval_demo_command"),
+    "eval-demo": ("minigpt4_local.train.demo.cli", "eval_demo_command"),
     "export": ("minigpt4_local.export.cli", "export_group"),
     "quantize": ("minigpt4_local.quantize.cli", "quantize_group"),
     "train": ("minigpt4_local.train.cli", "train_group"),
@@ -389,13 +395,13 @@ class _DescribeRun:
                         raise
                     failures += 1
                     _err(str(exc))
-                    record = {"image": str(path.resolve()), "question": self.question, "error": str(exc)}
-                    self._write(record, as_json, out_file)
+                    error_row = {"image": str(path.resolve()), "question": self.question, "error": str(exc)}
+                    self._write(error_row, as_json, out_file)
                     if progress:
                         progress.advance(0)
                     continue
                 total = self.ended.pop(index, time.perf_counter()) - start
-                record = {
+                record: dict[str, Any] = {
                     "image": str(path.resolve()),
                     "question": self.question,
                     "answer": answer.text,
@@ -406,7 +412,7 @@ class _DescribeRun:
                     "model": self.engine.name,
                 }
                 if not self._write(record, as_json, out_file):
-                    click.echo() if stream else click.echo(answer.text)
+                    click.echo("" if stream else answer.text)
                 if progress:
                     progress.advance(len(answer.token_ids))
         finally:
@@ -540,7 +546,7 @@ def chat(image: str | None, **opts: Any) -> None:
             _err("add an image first: /image PATH")
             continue
         try:
-            session.ask(line, options, lambda s: (click.echo(s, nl=False), sys.stdout.flush()))
+            session.ask(line, options, _print_now)
         except MiniGPT4Error as exc:
             _err(str(exc))
             continue

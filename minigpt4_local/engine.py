@@ -329,7 +329,7 @@ class Engine:
             self._waiting.remove(request)
             self._cancel_waiting(request)
         free = self._scheduler.free_slots()
-        ready = []
+        ready: list[Request] = []
         for request in list(self._waiting):
             if len(ready) >= free:
                 break

@@ -133,7 +133,7 @@ class BatchedScheduler:
             ctx * parallel,
             n_batch,
             threads,
-            kv_type or getattr(llm, "kv_type", "f16"),
+            str(kv_type or getattr(llm, "kv_type", None) or "f16"),
             getattr(llm, "flash_attn", None),
             n_seq_max=parallel,
             kv_unified=False,

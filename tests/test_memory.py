@@ -44,7 +44,7 @@ TOLERANCE = 0.25  # |measured - predicted| <= 25 % of the prediction
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel, ctx", [(2, 512), (8, 1024)])
 def test_memory_prediction_matches_measured_rss(parallel: int, ctx: int) -> None:
-    from minigpt4_local.demo_bundle import demo_bundle_path
+    from minigpt4_local.demo import demo_bundle_path
     from minigpt4_local.memory import estimate_memory
 
     predicted = estimate_memory(demo_bundle_path(), ctx=ctx, parallel=parallel).total

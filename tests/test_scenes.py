@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minigpt4_local.errors import ConfigError
-from minigpt4_local.train.scenes import (
+from minigpt4_local.train.demo.scenes import (
     BG_MAX_SPREAD,
     PALETTE,
     POSITIONS,
@@ -33,7 +33,7 @@ def _pixels(seed: int, size: int = 224) -> np.ndarray:
 
 
 def test_module_is_torch_free() -> None:
-    code = "import sys, minigpt4_local.train.scenes; assert 'torch' not in sys.modules"
+    code = "import sys, minigpt4_local.train.demo.scenes; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

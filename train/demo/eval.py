@@ -30,7 +30,7 @@ from typing import Any
 from minigpt4_local.errors import ConfigError
 from minigpt4_local.files import cache_dir
 
-from .demo import DEMO_QUESTION, SCENE_RENDER_SIZE, TORCH_VISION_FILE, dequantize_smollm2
+from .recipe import DEMO_QUESTION, SCENE_RENDER_SIZE, TORCH_VISION_FILE, dequantize_smollm2
 from .scenes import aggregate, make_scene, scene_seeds, score_description, write_scene_dataset
 
 BACKENDS = ("onnx+gguf", "torch", "onnx+gptq")
