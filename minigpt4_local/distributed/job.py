@@ -385,7 +385,7 @@ def model_for_workers(model: str | None) -> str:
     """What actors open: `demo`, or the model's absolute path (every node must be able to read it)."""
     import click
 
-    from ..demo_bundle import demo_bundle_path
+    from ..demo import demo_bundle_path
     from ..loader import resolve_model
 
     path = resolve_model(model, announce=lambda line: click.echo(line, err=True))
