@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .distributed.options import ray_options, ray_requested
 from .errors import MiniGPT4Error
 from .loader import MODEL_ENV, LoadOptions, NoModelError, load_pipeline, model_kind, resolve_model
 
@@ -267,6 +268,7 @@ def cli() -> None:
     show_default=True,
     help="json: constrain every answer to a JSON object (llama.cpp decoder only).",
 )
+@ray_options
 def describe(
     images: tuple[str, ...],
     question: str,
@@ -277,13 +279,22 @@ def describe(
     answer_format: str,
     **opts: Any,
 ) -> None:
-    """Describe IMAGES (files, folders or glob patterns).
+    """Describe IMAGES (files, folders or glob patterns; with --ray also .tar shards and Parquet tables).
 
     Many images are described together: a GGUF bundle decodes --parallel answers in one batch
     (continuous batching) while the vision encoder works through the next images; results come out in
     the input order. The torch and GPTQ decoders describe one image at a time.
     """
     from .grammar import ANY_JSON_OBJECT, load_schema
+
+    schema = load_schema(json_schema_path) if json_schema_path else None
+    if schema is None and answer_format == "json":
+        schema = ANY_JSON_OBJECT
+    if ray_requested(opts):
+        from .distributed.job import run_ray_describe
+
+        flags = {"as_json": as_json, "jsonl_path": jsonl_path, "stream": stream, "json_schema": schema}
+        return run_ray_describe(images, question, {**opts, **flags}, load_options(opts))
     from .image import expand_image_inputs, load_image
 
     paths = expand_image_inputs(images)
@@ -293,9 +304,6 @@ def describe(
         if not paths:
             click.echo(f"minigpt4: all images are already in {jsonl_path}", err=True)
             return
-    schema = load_schema(json_schema_path) if json_schema_path else None
-    if schema is None and answer_format == "json":
-        schema = ANY_JSON_OBJECT
     preloaded = {0: load_image(paths[0])} if len(paths) == 1 else {}  # fail fast, before a model loads
     engine = open_engine(opts)
     try:

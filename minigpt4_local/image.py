@@ -7,9 +7,11 @@ Contract:
   `minigpt4_local.errors.ImageError` with one line naming the path and the problem; it never hangs
   (the path is `stat`-ed and opened non-blocking before anything reads it) and never decodes a
   half image (Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES` is left at its default, False).
-- `decode_image_bytes(data, label=...)` is the same decoder for bytes already in memory (an HTTP upload):
-  the same size, pixel-count (decompression bomb) and truncation checks, the same RGB result;
-  `formats` limits which Pillow decoders may open it; errors name `label` instead of a path.
+- `decode_image_bytes(data, label=...)` is the same decoder for an encoded image already in memory (an
+  HTTP upload, a webdataset member, a Parquet cell): the same size, pixel-count (decompression bomb) and
+  truncation checks, the same RGB result; `formats` limits which Pillow decoders may open it; errors name
+  `label` instead of a path. `check_encoded_size(label, size, limit)` is its size check alone (for a
+  reader that knows the size before it reads the bytes).
 - `preprocess(images, image_size)` does what the original does (docs/numerics.md §2): `.convert("RGB")`,
   PIL bicubic resize (antialiased) to (S, S), /255, `(x - mean) / std`, all in float32 like
   torchvision's `ToTensor` + `Normalize`. It returns a C-contiguous float32 array (B, 3, S, S).
@@ -36,6 +38,7 @@ from .errors import ImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "check_encoded_size",
     "decode_image_bytes",
     "expand_image_inputs",
     "is_image_path",
@@ -138,16 +141,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_encoded_size(path: str | os.PathLike, size: int, max_file_bytes: int) -> None:
+    """ImageError unless an encoded image of `size` bytes is non-empty and within `max_file_bytes`."""
+    if size == 0:
+        raise _fail(path, "the file is empty")
+    if size > max_file_bytes:
+        raise _fail(path, f"the file is {size} bytes, more than the limit of {max_file_bytes} bytes")
+
+
 def _check_regular_file(path: str | os.PathLike, st: os.stat_result, max_file_bytes: int) -> None:
     for is_kind, kind in _FILE_KINDS:
         if is_kind(st.st_mode):
             raise _fail(path, f"it is {kind}, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise _fail(path, "it is not a regular file")
-    if st.st_size == 0:
-        raise _fail(path, "the file is empty")
-    if st.st_size > max_file_bytes:
-        raise _fail(path, f"the file is {st.st_size} bytes, more than the limit of {max_file_bytes} bytes")
+    check_encoded_size(path, st.st_size, max_file_bytes)
 
 
 def _os_problem(err: OSError) -> str:
@@ -242,7 +250,7 @@ def _decode_checked(
 
 
 def decode_image_bytes(
-    data: bytes,
+    data: bytes | bytearray | memoryview,
     *,
     label: str = "<bytes>",
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -254,10 +262,7 @@ def decode_image_bytes(
     `formats` (Pillow format names such as "PNG", "JPEG") restricts the decoders tried; bytes of any
     other format are refused as not an image. Raises `ImageError`.
     """
-    if not data:
-        raise _fail(label, "the data is empty")
-    if len(data) > max_bytes:
-        raise _fail(label, f"the data is {len(data)} bytes, more than the limit of {max_bytes} bytes")
+    check_encoded_size(label, len(data), max_bytes)
     return _decode_checked(BytesIO(data), label, max_pixels, formats)
 
 

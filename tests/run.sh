@@ -12,9 +12,10 @@ pins=.ci/constraints.txt
 python -m pip install -q -c "$pins" "torch==2.13.0"
 # llama-cpp-python builds llama.cpp from source (~10 min on 2 cores; pip caches the wheel).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=off}"
-# serve: FastAPI + uvicorn for `minigpt4 serve`; dev includes the server tests' clients (openai, httpx,
-# jsonschema, playwright — never `playwright install`: the browser tests drive the system's /usr/bin/chromium).
-python -m pip install -q -c "$pins" -e ".[torch,export,onnx,gguf,train,serve,dev]"
+# serve: FastAPI + uvicorn for `minigpt4 serve`; ray: Ray Data for `describe --ray`; dev includes the server
+# tests' clients (openai, httpx, jsonschema, playwright — never `playwright install`: the browser tests drive
+# the system's /usr/bin/chromium).
+python -m pip install -q -c "$pins" -e ".[torch,export,onnx,gguf,train,serve,ray,dev]"
 # GPTQModel: an sdist; the torch pin keeps pip on 7.6 (7.7 wants torch>=2.14.1, a multi-GB CUDA build),
 # and on 2 cores it needs two CPU workers.
 export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}"

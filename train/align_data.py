@@ -17,6 +17,12 @@ Resumable: images whose source path already has a line in review.jsonl are skipp
 retried from its stored raw text, without describing again); filter_cap.json is rewritten atomically from
 review.jsonl. Unreadable images are recorded (reason `unreadable`) and never crash the run.
 Returns an `AlignSummary` (counts).
+The describe stage (steps 1–2) is pluggable: `describe_many(paths)` yields `(path, Description | error
+message, image or None)` in any order, each path once; the default, `describe_locally(pipeline, options,
+continue_below)`, describes one image after another in this process, and
+`minigpt4_local.distributed.describe_for_align` runs the same two turns on a Ray cluster. Polish retries
+come first, then the new images in the order their descriptions arrive; each record is appended to
+review.jsonl (the commit log) as soon as it is complete.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,22 +173,38 @@ def describe(pipeline: Any, image: Any, options: Any, continue_below: int) -> tu
     return " ".join(t for t in (first.text.strip(), more.text.strip()) if t), True, counts
 
 
-def _process(
-    path: Path,
-    record: ReviewRecord,
-    pipeline: Any,
-    polisher: Any,
-    options: Any,
-    continue_below: int,
-    out: Path,
-) -> ReviewRecord:
-    try:
-        image = load_image(path)
-    except ImageError as exc:
-        record.reason = f"unreadable: {exc}"
-        return record
-    if not record.raw:  # a record retried after a polish failure keeps its description
-        record.raw, record.continued, record.tokens = describe(pipeline, image, options, continue_below)
+@dataclass
+class Description:
+    """What the describe stage gives for one image: the text, whether `Continue` was asked, token counts."""
+
+    raw: str
+    continued: bool
+    tokens: list[int]
+
+
+# (path, its Description or the error that kept it from being described, its decoded image if at hand)
+Described = tuple[Path, "Description | MiniGPT4Error", Any]
+DescribeMany = Callable[[Sequence[Path]], Iterable[Described]]
+
+
+def describe_locally(pipeline: Any, options: Any, continue_below: int = CONTINUE_BELOW) -> DescribeMany:
+    """The describe stage in this process, one image after another (the `DescribeMany` default)."""
+
+    def run(paths: Sequence[Path]) -> Iterator[Described]:
+        for path in paths:
+            try:
+                image = load_image(path)
+            except ImageError as exc:
+                yield path, exc, None
+                continue
+            raw, continued, tokens = describe(pipeline, image, options, continue_below)
+            yield path, Description(raw, continued, tokens), image
+
+    return run
+
+
+def _finish(record: ReviewRecord, path: Path, image: Any, polisher: Any, out: Path) -> ReviewRecord:
+    """Polish, filter and (when kept) save the image of a described record."""
     try:
         record.polished = polisher.polish(record.raw) if polisher is not None else record.raw.strip()
     except MiniGPT4Error as exc:
@@ -191,11 +213,27 @@ def _process(
     reason = filter_reason(record.polished)
     record.kept, record.reason = reason is None, reason or ""
     if record.kept:
+        try:
+            image = image if image is not None else load_image(path)
+        except ImageError as exc:  # gone or changed since it was described
+            record.kept, record.reason = False, f"unreadable: {exc}"
+            return record
         target = out / "image" / f"{record.image_id}.jpg"
         tmp = target.with_name(f".{target.name}.tmp")
         image.convert("RGB").save(tmp, format="JPEG", quality=95)
         os.replace(tmp, target)
     return record
+
+
+def _described(record: ReviewRecord, result: Description | MiniGPT4Error) -> bool:
+    """Fill `record` from the describe stage; False when the image could not be described."""
+    if isinstance(result, Description):
+        record.raw, record.continued, record.tokens = result.raw, result.continued, result.tokens
+        return True
+    record.reason = (
+        f"unreadable: {result}" if isinstance(result, ImageError) else f"describe failed: {result}"
+    )
+    return False
 
 
 def make_align_data(
@@ -206,6 +244,7 @@ def make_align_data(
     options: Any,
     continue_below: int = CONTINUE_BELOW,
     progress: Callable[[ReviewRecord], None] | None = None,
+    describe_many: DescribeMany | None = None,
 ) -> AlignSummary:
     """Generate a cc_sbu_align folder from `images` (see module docstring)."""
     out = Path(out)
@@ -213,25 +252,46 @@ def make_align_data(
     records = read_review(out)
     taken = {r.image_id for r in records.values()}
     summary = AlignSummary(total=len(images), out=str(out))
+    describe_many = describe_many or describe_locally(pipeline, options, continue_below)
+    retries: list[tuple[Path, ReviewRecord]] = []
+    pending: dict[str, tuple[Path, ReviewRecord]] = {}
+    for item in images:
+        path = Path(item)
+        source = str(path.resolve())
+        previous = records.get(source)
+        if previous is not None and not previous.reason.startswith(POLISH_FAILED):
+            summary.skipped_done += 1
+        elif previous is not None:  # a record retried after a polish failure keeps its description
+            retries.append((path, previous))
+        elif source not in pending:
+            pending[source] = (path, ReviewRecord(image_id=_new_id(path, taken), source=source))
     review = (out / REVIEW_FILE).open("a", encoding="utf-8")
+    written = 0
+
+    def commit(record: ReviewRecord) -> None:
+        nonlocal written
+        records[record.source] = record
+        review.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        review.flush()
+        os.fsync(review.fileno())
+        written += 1
+        if progress:
+            progress(record)
+        if written % WRITE_EVERY == 0:
+            write_outputs(out, records)
+
     try:
-        for n, item in enumerate(images, 1):
-            path = Path(item)
-            source = str(path.resolve())
-            previous = records.get(source)
-            if previous is not None and not previous.reason.startswith(POLISH_FAILED):
-                summary.skipped_done += 1
+        for path, record in retries:
+            record.reason = ""
+            commit(_finish(record, path, None, polisher, out))
+        for path, result, image in describe_many([p for p, _ in pending.values()]):
+            entry = pending.pop(str(path.resolve()), None)
+            if entry is None:  # not asked for, or already committed: each image is recorded once
                 continue
-            record = previous or ReviewRecord(image_id=_new_id(path, taken), source=source)
-            record = _process(path, record, pipeline, polisher, options, continue_below, out)
-            records[source] = record
-            review.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-            review.flush()
-            os.fsync(review.fileno())
-            if progress:
-                progress(record)
-            if n % WRITE_EVERY == 0:
-                write_outputs(out, records)
+            record = entry[1]
+            if _described(record, result):
+                record = _finish(record, path, image, polisher, out)
+            commit(record)
     finally:
         review.close()
         write_outputs(out, records)

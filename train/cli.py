@@ -9,7 +9,9 @@ Commands:
 - `configs`: lists the shipped YAML configs.
 - `make-align-data IMAGES… --out DIR --model M`: stage-2 data generation (align_data.py) with a polisher
   given by `--polish-url URL [--polish-model NAME] [--polish-api-key-env VAR]` (OpenAI-compatible) or
-  `--polish-gguf FILE` (local llama.cpp), or `--no-polish`.
+  `--polish-gguf FILE` (local llama.cpp), or `--no-polish`. `--ray auto|local|ADDRESS` (with `--actors`,
+  `--cpus-per-actor`, `--gpus-per-actor`, `--parallel`, `--batch-size`) runs the describe stage on Ray
+  (align_ray.py); polishing, filtering and writing stay in this process.
 Failures are `MiniGPT4Error`s (one line, handled by the main CLI).
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import click
 
+from minigpt4_local.distributed.options import ray_options, ray_requested
 from minigpt4_local.errors import ConfigError
 
 TRAINABLE_HELP = "What trains, comma-separated: projection (default), qformer, vision, llm."
@@ -205,6 +208,7 @@ def _polisher(opts: dict[str, Any]) -> Any:
     help="Chat format of --polish-gguf.",
 )
 @click.option("--no-polish", is_flag=True, help="Keep the raw descriptions (still filtered).")
+@ray_options(outputs=False, parallel=True)
 def make_align_data_command(
     images: tuple[str, ...],
     out: str,
@@ -216,12 +220,27 @@ def make_align_data_command(
 ) -> None:
     """Describe IMAGES with the paper's detailed prompt, polish and filter: a cc_sbu_align folder + review."""
     from minigpt4_local.image import expand_image_inputs
-    from minigpt4_local.loader import LoadOptions, load_pipeline, resolve_model
 
     from .align_data import make_align_data
 
     paths = expand_image_inputs(images)
     polisher = _polisher(opts)
+
+    def progress(record: Any) -> None:
+        status = "kept" if record.kept else f"dropped ({record.reason})"
+        click.echo(f"{record.image_id}: {status}", err=True)
+
+    if ray_requested(opts, also=("parallel",)):  # the describe stage on Ray; polishing and writing stay here
+        from .align_ray import ray_describe_stage
+
+        with ray_describe_stage(
+            {**opts, "greedy": greedy, "max_new_tokens": max_new_tokens, "seed": seed}, continue_below
+        ) as stage:
+            summary = make_align_data(paths, None, polisher, out, None, continue_below, progress, stage)
+        _print_align_summary(summary)
+        return
+    from minigpt4_local.loader import LoadOptions, load_pipeline, resolve_model
+
     pipeline = load_pipeline(
         resolve_model(opts.get("model"), announce=lambda line: click.echo(line, err=True)),
         LoadOptions(
@@ -235,12 +254,11 @@ def make_align_data_command(
         options = pipeline.sampling(greedy=greedy, max_new_tokens=max_new_tokens, seed=seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-
-    def progress(record: Any) -> None:
-        status = "kept" if record.kept else f"dropped ({record.reason})"
-        click.echo(f"{record.image_id}: {status}", err=True)
-
     summary = make_align_data(paths, pipeline, polisher, out, options, continue_below, progress)
+    _print_align_summary(summary)
+
+
+def _print_align_summary(summary: Any) -> None:
     click.echo(
         json.dumps(
             {
