@@ -1,4 +1,4 @@
-"""The inference engine: one loaded model serving many requests at once (public API: notes/engine-contract.md).
+"""The inference engine: one loaded model serving many requests at once (the API the CLI, server and Ray use).
 
 Contract:
 - `Engine.open(model, options, *, parallel, ctx, image_cache_mb, max_queue, announce)` resolves and loads

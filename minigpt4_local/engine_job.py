@@ -1,6 +1,6 @@
 """A request in flight through the inference engine: its handle (`Job`) and the engine's errors.
 
-Contract (the public half is fixed by notes/engine-contract.md):
+Contract (the public half is what `engine.Engine.submit` returns; docs/ARCHITECTURE.md "The engine"):
 - `Job` is what `Engine.submit` returns: `id`, `prompt_tokens`, iteration yields text deltas (blocking,
   ends when the job ends; TextStream rules), `result(timeout)` blocks for the `pipeline.Answer` or
   re-raises the job's `MiniGPT4Error` (`TimeoutError` when `timeout` passes first), `finish_reason`
