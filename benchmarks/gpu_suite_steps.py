@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from minigpt4_local.prefix_cache import common_prefix
+
 EMBED_COSINE = 0.999
 GREEDY_PREFIX = 8
 GPTQ_LAYER_REL = 2e-2
@@ -46,18 +48,9 @@ def _check(name: str, value: Any, tolerance: str, ok: bool) -> dict[str, Any]:
     return {"name": name, "value": value, "tolerance": tolerance, "ok": bool(ok)}
 
 
-def _prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _greedy_check(name: str, device_ids: list[int], reference: list[int]) -> dict[str, Any]:
     n = min(len(reference), len(device_ids))
-    same = _prefix(device_ids, reference)
+    same = common_prefix(device_ids, reference)
     need = min(GREEDY_PREFIX, n)
     return _check(
         name, f"{same}/{n} leading ids equal", f">= {need} leading ids equal", n > 0 and same >= need
@@ -452,7 +445,7 @@ def step_engine(ctx: Ctx) -> dict[str, Any]:
                 reference.setdefault(i % 4, answer.token_ids)
                 continue
             want = reference[i % 4]
-            same = _prefix(answer.token_ids, want)
+            same = common_prefix(answer.token_ids, want)
             total += 1
             agree += (
                 same == len(want) == len(answer.token_ids)
