@@ -330,7 +330,7 @@ def write_gptq_rtn(
     """BUNDLE/llm-gptq/ from MODEL_DIR/llm (see module docstring); returns the manifest part."""
     from safetensors import safe_open
 
-    from minigpt4_local.backends.gptq_backend import GPTQ_DIR, GPTQ_PART
+    from minigpt4_local.backends.gptq_checkpoint import GPTQ_DIR, GPTQ_PART
     from minigpt4_local.bundle import Bundle
     from minigpt4_local.checkpoints.model_dir import read_model_config
 
