@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DependencyError
+from .files import read_json_object
 
 __all__ = ["ANY_JSON_OBJECT", "load_schema", "schema_grammar"]
 
@@ -30,17 +31,7 @@ _JSON_CHAR = r'char ::= [^"\\\x00-\x1F\x7F]'
 
 
 def load_schema(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the JSON schema {path}: {exc.strerror or exc}") from None
-    try:
-        schema = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(schema, dict):
-        raise ConfigError(f"{path}: a JSON schema must be a JSON object")
-    return schema
+    return read_json_object(path, ConfigError, missing=f"the JSON schema {path} does not exist")
 
 
 def schema_grammar(schema: dict[str, Any]) -> str:
